@@ -1,0 +1,274 @@
+"""Run configs: YAML + dotted command-line overrides, validated with pydantic.
+
+A run config names a plugin per section and gives that plugin's options beside its name:
+
+    task:      {name: sentiment}
+    policy:    {name: hf, init: sft}
+    algorithm: {name: dpo, beta: 0.1}
+    reward:    {name: gold}            # optional; online algorithms need one
+    train:     {steps: 100, batch_size: 16, lr: 1.0e-4}
+    output_dir: runs/dpo
+
+Each named section is validated against the registered plugin's own `Config` class, `train`
+against `TrainConfig`. Every error is collected and reported at once, with its dotted path;
+unknown keys get a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from rlhfzoo.interfaces import PluginConfig
+from rlhfzoo.registry import Entry, RegistryError, UnknownNameError, registry
+
+
+class ConfigError(Exception):
+    """One or more problems with a config, each as (dotted path, message)."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(errors)} problem{'s' if len(errors) != 1 else ''} with the config{where}:"]
+        lines += [f"  {path or '<top>'}: {msg}" for path, msg in errors]
+        super().__init__("\n".join(lines))
+
+
+class TrainConfig(PluginConfig):
+    """Training-loop settings shared by every algorithm."""
+
+    steps: int = Field(100, ge=1, description="Optimizer steps (offline) or iterations (online) in total.")
+    batch_size: int = Field(
+        16, ge=1, description="Examples per optimizer step across all processes (online: prompts per iteration)."
+    )
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step on each process.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps at the start.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After warm-up: constant, or cosine decay to 10% of `lr` at the last step."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision, as accelerate offers it.")
+    seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
+    log_every: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    save_every: int = Field(0, ge=0, description="Write a checkpoint every this many steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many most recent checkpoints to keep.")
+    eval_every: int = Field(0, ge=0, description="Evaluate on held-out prompts every this many steps (0: only at the end).")
+    eval_prompts: int = Field(64, ge=0, description="Held-out prompts used for evaluation (0: no evaluation).")
+    stop_after: int | None = Field(
+        None, ge=1, description="Stop after this many steps in this invocation (with a checkpoint), e.g. to fit a job time limit; continue with --resume."
+    )
+    progress: bool = Field(True, description="Show a progress bar on the console.")
+
+
+SECTIONS: dict[str, str] = {"task": "task", "policy": "policy", "algorithm": "objective", "reward": "reward_source"}
+REQUIRED_SECTIONS = ("task", "algorithm")
+DEFAULT_SECTIONS: dict[str, dict[str, Any]] = {"policy": {"name": "hf"}}
+TOP_LEVEL = (*SECTIONS, "train", "output_dir")
+
+
+@dataclass
+class Section:
+    """A resolved config section: the plugin's name, registry entry and validated config."""
+
+    name: str
+    entry: Entry
+    config: PluginConfig
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        return self.entry.cls(self.config, *args, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.entry.name, **self.config.model_dump(mode="json")}
+
+
+@dataclass
+class RunConfig:
+    task: Section
+    policy: Section
+    algorithm: Section
+    reward: Section | None
+    train: TrainConfig
+    output_dir: str
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config (every default filled in), as written next to a run."""
+        out: dict[str, Any] = {s: getattr(self, s).to_dict() for s in SECTIONS if getattr(self, s) is not None}
+        out["train"] = self.train.model_dump(mode="json")
+        out["output_dir"] = self.output_dir
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def config_hash(obj: Any, length: int = 16) -> str:
+    """A stable hash of a JSON-able object (used to key cached artifacts)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([("", f"file not found: {path}. Pass the path of a YAML config, e.g. configs/sft.yaml.")])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([("", f"malformed YAML{where}: {problem}. Fix the syntax there.")], source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([("", f"not UTF-8 text ({e}). Save the file as UTF-8.")], source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([("", f"the top level must be a mapping of sections, got {type(data).__name__}")], source=str(path))
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML: `0.2`, `true`, `[1, 2]`)."""
+    data = copy.deepcopy(data)
+    errors = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            errors.append((item, "an override must look like section.key=value, e.g. algorithm.beta=0.2"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    if errors:
+        raise ConfigError(errors, source="command line")
+    return data
+
+
+def _pydantic_errors(err: ValidationError, prefix: str, model: type) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            field_name = str(e["loc"][-1])
+            close = difflib.get_close_matches(field_name, list(model.model_fields), n=1, cutoff=0.6)
+            msg = f"unknown key {field_name!r}." + (f" Did you mean {close[0]!r}?" if close else "")
+            msg += f" Valid keys: {', '.join(model.model_fields)}."
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = f"{msg} (got {e.get('input')!r})"
+        out.append((loc, msg))
+    return out
+
+
+def _validate_model(model: type, values: dict[str, Any], prefix: str, errors: list) -> Any:
+    try:
+        return model(**values)
+    except ValidationError as e:
+        errors.extend(_pydantic_errors(e, prefix, model))
+        return None
+
+
+def resolve(data: dict[str, Any], source: str | None = None) -> RunConfig:
+    """Validate a raw config mapping; raise ConfigError with every problem at once."""
+    errors: list[tuple[str, str]] = []
+    for key in data:
+        if key not in TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            errors.append((str(key), f"unknown section.{hint} Sections: {', '.join(TOP_LEVEL)}."))
+
+    sections: dict[str, Section | None] = {}
+    for sec, kind in SECTIONS.items():
+        raw = data.get(sec, DEFAULT_SECTIONS.get(sec))
+        if raw is None:
+            if sec in REQUIRED_SECTIONS:
+                errors.append((sec, f"required section is missing; add `{sec}: {{name: ...}}`"))
+            sections[sec] = None
+            continue
+        if isinstance(raw, str):
+            raw = {"name": raw}
+        if not isinstance(raw, dict):
+            errors.append((sec, f"must be a mapping with a `name`, got {type(raw).__name__}"))
+            sections[sec] = None
+            continue
+        options = {**DEFAULT_SECTIONS.get(sec, {}), **raw}
+        name = options.pop("name", None)
+        if not isinstance(name, str) or not name:
+            errors.append((f"{sec}.name", f"required: the registered name of the {kind.replace('_', ' ')} to use"))
+            sections[sec] = None
+            continue
+        try:
+            entry = registry.get(kind, name)
+        except UnknownNameError as e:
+            errors.append((f"{sec}.name", str(e).replace("\n", " ")))
+            sections[sec] = None
+            continue
+        except RegistryError as e:
+            errors.append((f"{sec}.name", str(e)))
+            sections[sec] = None
+            continue
+        cfg = _validate_model(entry.cls.Config, options, sec, errors)
+        sections[sec] = Section(name, entry, cfg) if cfg is not None else None
+
+    train_raw = data.get("train", {}) or {}
+    train = None
+    if not isinstance(train_raw, dict):
+        errors.append(("train", f"must be a mapping, got {type(train_raw).__name__}"))
+    else:
+        train = _validate_model(TrainConfig, train_raw, "train", errors)
+
+    output_dir = data.get("output_dir")
+    if output_dir is None:
+        algo = data.get("algorithm")
+        algo_name = algo.get("name") if isinstance(algo, dict) else algo
+        output_dir = f"runs/{algo_name or 'run'}"
+    elif not isinstance(output_dir, str):
+        errors.append(("output_dir", f"must be a path string, got {output_dir!r}"))
+
+    algo = sections.get("algorithm")
+    if algo is not None and getattr(algo.entry.cls, "needs_reward", False) and data.get("reward") is None:
+        errors.append(("reward", f"algorithm {algo.entry.name!r} needs a reward source; add `reward: {{name: ...}}`"))
+
+    if errors:
+        raise ConfigError(errors, source=source)
+    return RunConfig(
+        task=sections["task"],
+        policy=sections["policy"],
+        algorithm=sections["algorithm"],
+        reward=sections["reward"],
+        train=train,
+        output_dir=str(output_dir),
+        source=source,
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> RunConfig:
+    """Read a YAML config (or take `data`), apply dotted overrides, validate everything."""
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    raw = apply_overrides(raw, overrides or [])
+    return resolve(raw, source=str(path) if path is not None else None)

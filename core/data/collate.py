@@ -1,0 +1,115 @@
+"""Text examples -> token batches.
+
+A sequence is `[bos] prompt response [eos]`; `response_mask` marks the response tokens and the
+EOS (what a policy is trained to produce). Sequences are right-padded for training; prompts are
+left-padded for generation (see `rlhfzoo.policy`). Over-long sequences are truncated -- the
+prompt from the left first, then the response from the right -- and counted, never an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from rlhfzoo.interfaces import (
+    Batch,
+    Demonstration,
+    PreferencePair,
+    RewardedExample,
+    SequenceBatch,
+    UnpairedExample,
+)
+
+
+@dataclass
+class TruncationStats:
+    sequences: int = 0
+    truncated: int = 0
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + list(ids)
+
+
+def encode(
+    tokenizer: Any, prompt: str, response: str, max_length: int, stats: TruncationStats | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of `[bos] prompt response [eos]` and the matching response mask."""
+    p = prompt_ids(tokenizer, prompt)
+    r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    if stats is not None:
+        stats.sequences += 1
+    if len(p) + len(r) > max_length:
+        if stats is not None:
+            stats.truncated += 1
+        keep_prompt = max(1, min(len(p), max_length - len(r)))
+        p = p[:1] + p[len(p) - keep_prompt + 1 :] if keep_prompt > 1 else p[:1]
+        r = r[: max_length - len(p)]
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def pad(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            if side == "right":
+                out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            else:
+                out[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def sequence_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int, stats=None) -> SequenceBatch:
+    encoded = [encode(tokenizer, p, r, max_length, stats) for p, r in pairs]
+    ids = pad([e[0] for e in encoded], tokenizer.pad_token_id)
+    attn = pad([[1] * len(e[0]) for e in encoded], 0)
+    resp = pad([e[1] for e in encoded], 0)
+    return SequenceBatch(ids, attn, resp)
+
+
+@dataclass
+class Collator:
+    """Turns a list of (row index, example) into a `Batch` for one data kind."""
+
+    tokenizer: Any
+    max_length: int = 128
+    stats: TruncationStats = field(default_factory=TruncationStats)
+
+    def __call__(self, rows: Sequence[tuple[int, Any]]) -> Batch:
+        index = torch.tensor([i for i, _ in rows], dtype=torch.long)
+        examples = [e for _, e in rows]
+        first = examples[0]
+        seq = lambda pairs: sequence_batch(self.tokenizer, pairs, self.max_length, self.stats)  # noqa: E731
+        if isinstance(first, PreferencePair):
+            margin = [e.margin if e.margin is not None else 0.0 for e in examples]
+            return Batch(
+                sequences=seq([(e.prompt, e.chosen) for e in examples]),
+                rejected=seq([(e.prompt, e.rejected) for e in examples]),
+                margin=torch.tensor(margin, dtype=torch.float32),
+                index=index,
+                extra={"group": torch.tensor([e.group if e.group is not None else -1 for e in examples])},
+            )
+        if isinstance(first, UnpairedExample):
+            n = len(examples)
+            # Mismatched prompt/response pairs (prompt i with response i+1) estimate KL(pi||ref) in KTO.
+            mismatched = [(examples[i].prompt, examples[(i + 1) % n].response) for i in range(n)]
+            return Batch(
+                sequences=seq([(e.prompt, e.response) for e in examples]),
+                desirable=torch.tensor([e.desirable for e in examples], dtype=torch.bool),
+                kl_sequences=seq(mismatched),
+                index=index,
+            )
+        if isinstance(first, RewardedExample):
+            return Batch(
+                sequences=seq([(e.prompt, e.response) for e in examples]),
+                rewards=torch.tensor([e.reward for e in examples], dtype=torch.float32),
+                index=index,
+            )
+        if isinstance(first, Demonstration):
+            return Batch(sequences=seq([(e.prompt, e.response) for e in examples]), index=index)
+        raise TypeError(f"don't know how to collate {type(first).__name__}")

@@ -1,0 +1,355 @@
+"""The three interfaces every plugin implements -- Policy, RewardSource, Objective -- plus Task,
+and the small dataclasses that flow between them.
+
+Data flows as *examples* (plain text records, see `Demonstration`, `PreferencePair`, ...) out of a
+Task, then as *batches* (token tensors, see `SequenceBatch`) into an Objective's loss. Online
+objectives additionally see a `Rollout` (what the policy generated) and build their own
+experience from it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+class PluginConfig(BaseModel):
+    """Base class of every plugin's `Config`: unknown keys are errors, every field is described."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EmptyConfig(PluginConfig):
+    """A plugin with no options."""
+
+
+# --------------------------------------------------------------------------------------------
+# Examples: what a Task hands out, one record per row. Text only; tokenisation happens later.
+# --------------------------------------------------------------------------------------------
+
+DataKind = Literal["demonstrations", "pairs", "unpaired", "rewarded", "prompts"]
+DATA_KINDS: tuple[str, ...] = ("demonstrations", "pairs", "unpaired", "rewarded", "prompts")
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """A prompt and a good response, for supervised fine-tuning."""
+
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt with a preferred (`chosen`) and a dispreferred (`rejected`) response.
+
+    `margin` is an optional Llama-2-style preference strength label ("significantly",
+    "slightly", "negligibly" better, stored as a number by the task) and `group` ties together
+    the pairs expanded from one K-wise ranking, so that a prompt can be made to count once.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    group: int | None = None
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """A single response labelled desirable or undesirable (KTO)."""
+
+    prompt: str
+    response: str
+    desirable: bool
+
+
+@dataclass(frozen=True)
+class RewardedExample:
+    """A (prompt, response, reward) triple for offline RL."""
+
+    prompt: str
+    response: str
+    reward: float
+
+
+# --------------------------------------------------------------------------------------------
+# Batches: token tensors, built by the collators in `rlhfzoo.data`.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + response token sequences, right-padded.
+
+    input_ids, attention_mask: [B, T]
+    response_mask: [B, T], 1 on response tokens (the ones a loss is taken over), 0 on prompt
+        and padding tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)))
+
+
+@dataclass
+class Batch:
+    """What an Objective's `loss` receives.
+
+    `sequences` is always set. The other fields depend on the data kind:
+      pairs:    `rejected` (same layout as `sequences`, which hold the chosen responses), `margin`
+      unpaired: `desirable` [B] bool, `kl_sequences` (mismatched prompt/response pairs, for KTO)
+      rewarded: `rewards` [B]
+    `index` holds the dataset row of every example (to name rows in error messages and to look
+    up cached reference log-probs), `extra` anything an objective precomputed.
+    """
+
+    sequences: SequenceBatch
+    index: torch.Tensor
+    rejected: SequenceBatch | None = None
+    margin: torch.Tensor | None = None
+    desirable: torch.Tensor | None = None
+    kl_sequences: SequenceBatch | None = None
+    rewards: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        def move(x):
+            return x.to(device) if isinstance(x, (torch.Tensor, SequenceBatch)) else x
+
+        return Batch(
+            sequences=self.sequences.to(device),
+            index=self.index.to(device),
+            rejected=move(self.rejected),
+            margin=move(self.margin),
+            desirable=move(self.desirable),
+            kl_sequences=move(self.kl_sequences),
+            rewards=move(self.rewards),
+            extra={k: move(v) for k, v in self.extra.items()},
+        )
+
+
+@dataclass
+class Rollout:
+    """What `Policy.generate` returns.
+
+    sequences: [B, P + R] left-padded prompts followed by the generated tokens (right-padded).
+    attention_mask: [B, P + R] 1 on real tokens.
+    response_mask: [B, P + R] 1 on generated tokens up to and including EOS.
+    logprobs: [B, P + R - 1] log-probs of token t+1 given the prefix up to t under the sampling
+        distribution (0 outside the response), aligned like `Policy.logprobs`.
+    prompts, responses: the texts.
+    finished: [B] bool, whether the response ended with EOS (not cut at max length).
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    prompts: list[str]
+    responses: list[str]
+    finished: torch.Tensor
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to minimise and the metrics to log (plain floats)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Plugin base: metadata every registered class carries, read by the registry.
+# --------------------------------------------------------------------------------------------
+
+
+class Plugin:
+    """Metadata shared by all plugin classes; subclasses set these class attributes."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    status: ClassVar[Literal["stable", "experimental"]] = "stable"
+    Config: ClassVar[type[PluginConfig]] = EmptyConfig
+
+
+# --------------------------------------------------------------------------------------------
+# The interfaces
+# --------------------------------------------------------------------------------------------
+
+
+class Policy(Plugin, ABC):
+    """A trainable language model with its tokenizer.
+
+    `model` is the `torch.nn.Module` the optimiser updates (the trainer may wrap it for
+    distributed training; `module` is always the unwrapped one).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+
+    @property
+    def module(self) -> torch.nn.Module:
+        m = self.model
+        while hasattr(m, "module") and isinstance(m.module, torch.nn.Module):
+            m = m.module
+        return m
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
+        """Sample one response per prompt."""
+
+    @abstractmethod
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs [B, T-1]: entry t is log pi(input_ids[:, t+1] | input_ids[:, :t+1])."""
+
+    @abstractmethod
+    def frozen_copy(self) -> "Policy":
+        """A copy with gradients off, for the reference policy."""
+
+    @abstractmethod
+    def save(self, path: str) -> None:
+        """Write weights (safetensors), config and tokenizer to a directory."""
+
+    @abstractmethod
+    def load_weights(self, path: str) -> None:
+        """Load weights written by `save` into this policy."""
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]:
+        return self.model.parameters()
+
+    def sequence_logprobs(self, seq: SequenceBatch, average: bool = False) -> torch.Tensor:
+        """Sum (or mean) of the response tokens' log-probs, per example: [B]."""
+        lp = self.logprobs(seq.input_ids, seq.attention_mask)
+        mask = seq.response_mask[:, 1:].to(lp.dtype)
+        total = (lp * mask).sum(-1)
+        return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+class RewardSource(Plugin, ABC):
+    """Turns (prompt, response) texts into scalar rewards.
+
+    Constructed as `cls(config, task=task)`; the task is there for sources that need it (gold).
+    """
+
+    def __init__(self, config: PluginConfig | None = None, task: "Task | None" = None):
+        self.config = config if config is not None else self.Config()
+        self.task = task
+
+    @abstractmethod
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """Rewards [B] (float32)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Counters worth logging (calls, fallbacks, truncations); empty by default."""
+        return {}
+
+
+class Objective(Plugin, ABC):
+    """An algorithm: its config, the data it needs and its loss.
+
+    Offline objectives set `data_kind` to one of DATA_KINDS and implement `loss`. Online
+    objectives set `online = True`, `data_kind = "prompts"`, and also implement
+    `make_experience` (rollout + rewards -> experience) and `minibatches` (experience ->
+    batches for `loss`); `after_iteration` may adapt coefficients (adaptive KL).
+    """
+
+    data_kind: ClassVar[str] = "demonstrations"
+    online: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False
+    needs_reward: ClassVar[bool] = False
+
+    def __init__(self, config: PluginConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def loss(self, batch: Any, policy: Policy, reference: Policy | None) -> LossOutput:
+        """The loss on one (micro-)batch."""
+
+    def prepare(self, data: Sequence[Any], collate: Callable[[list], Any], reference: "Policy | None") -> bool:
+        """Called once before training with the whole training set, a collate function taking
+        a list of (row, example), and the reference policy. Offline objectives may cache
+        reference log-probs here; return True when the reference model is no longer needed
+        during training (the trainer then frees it)."""
+        return False
+
+    # Online objectives only -----------------------------------------------------------------
+    def make_experience(
+        self, rollout: Rollout, rewards: torch.Tensor, policy: Policy, reference: Policy | None
+    ) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} is offline and has no experience step")
+
+    def minibatches(self, experience: Any) -> Iterable[Any]:
+        raise NotImplementedError(f"{type(self).__name__} is offline and has no experience step")
+
+    def after_iteration(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Called after each online iteration (or offline step) with its metrics; returns extra metrics."""
+        return {}
+
+    # Checkpointed state of the objective itself (e.g. an adaptive KL coefficient).
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Task(Plugin, ABC):
+    """Where data, tokenizers, base models and (where known) the gold reward come from."""
+
+    def __init__(self, config: PluginConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def examples(self, kind: str, split: str = "train") -> list[Any]:
+        """Examples of a data kind ('demonstrations', 'pairs', ...) for a split ('train', 'test')."""
+
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """A `transformers` fast tokenizer with pad and eos set."""
+
+    def eval_prompts(self) -> list[str]:
+        """Held-out prompts to evaluate policies on."""
+        return [str(p) for p in self.examples("prompts", split="test")]
+
+    def gold_reward(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError(f"task {self.name!r} has no gold reward")
+
+    @property
+    def has_gold_reward(self) -> bool:
+        return type(self).gold_reward is not Task.gold_reward
+
+    def default_model_config(self) -> dict[str, Any]:
+        """Options for a model trained from scratch on this task (architecture sizes)."""
+        return {}
+
+    def sft_task_options(self) -> dict[str, Any]:
+        """The task options the SFT stage depends on (its cache key); all of them by default."""
+        return self.config.model_dump(mode="json")
+
+    def sft_recipe(self) -> dict[str, Any]:
+        """Train settings (`TrainConfig` fields) of this task's cached SFT stage."""
+        return {"steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20}
+
+    def response_metrics(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+        """Task-specific quality figures of generated responses (e.g. grammatical rate)."""
+        return {}

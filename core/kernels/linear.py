@@ -1,0 +1,163 @@
+"""Fused LM-head + log-prob (+ entropy): ``logprobs(hidden @ weight.T + bias)``.
+
+The ``[N, V]`` logits of a language-model head are the largest tensor in an
+RLHF step.  :func:`linear_logprobs` processes the tokens in chunks of
+``chunk_size`` rows:
+
+forward, per chunk ``c``::
+
+    logits_c = hidden_c @ W.T + b                  # [C, V], model dtype
+    lp_c, lse_c (, H_c) = row statistics of logits_c / T
+
+and keeps only ``lse`` (and ``H``) per token.  The backward recomputes
+``logits_c`` and turns it *in place* into ``dlogits_c``::
+
+    dlogits_c = [g_lp (onehot(t) - p) - g_H p (log p + H)] / T
+    d hidden_c = dlogits_c @ W
+    dW        += dlogits_c.T @ hidden_c            # fp32 accumulator
+    db        += dlogits_c.sum(0)                  # fp32 accumulator
+
+so the peak extra memory is one ``[C, V]`` chunk plus an fp32 ``[V, H]``
+accumulator (only when ``W`` needs a gradient), instead of several ``[N, V]``
+tensors.  The price is one extra ``hidden @ W.T`` GEMM in the backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _reference
+from ._dispatch import acc_dtype, check_temperature, implementation, resolve_backend
+
+# Target size of one chunk of fp32-equivalent logits.
+CPU_CHUNK_BYTES = 16 << 20
+GPU_CHUNK_BYTES = 256 << 20
+
+
+def default_chunk_size(N: int, V: int, device: torch.device) -> int:
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    rows = max(16, budget // (4 * V))
+    return max(1, min(N, rows))
+
+
+class _LinearStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_ent, chunk, impl):
+        H = hidden.shape[-1]
+        lead = hidden.shape[:-1]
+        h2 = hidden.reshape(-1, H)
+        t = targets.reshape(-1)
+        N = h2.shape[0]
+        acc = acc_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+        lp = torch.empty(N, dtype=acc, device=hidden.device)
+        lse = torch.empty_like(lp)
+        ent = torch.empty_like(lp) if want_ent else None
+        inv_temp = 1.0 / temperature
+        for i in range(0, N, chunk):
+            r = slice(i, i + chunk)
+            logits = F.linear(h2[r], weight, bias)
+            impl.stats_fwd(logits, t[r], inv_temp, ignore_index, lp[r], lse[r],
+                           ent[r] if want_ent else None)
+            del logits
+        ctx.save_for_backward(h2, weight, bias, t, lse, ent)
+        ctx.inv_temp, ctx.ignore_index, ctx.chunk, ctx.impl = inv_temp, ignore_index, chunk, impl
+        ctx.hidden_shape = hidden.shape
+        ctx.set_materialize_grads(False)
+        if want_ent:
+            return lp.view(lead), ent.view(lead)
+        return lp.view(lead)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, g_ent=None):
+        h2, weight, bias, t, lse, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N = h2.shape[0]
+        acc = lse.dtype
+        dh = torch.zeros_like(h2) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):
+            return _finish(ctx, dh, dw, weight, db, bias)
+        g_lp = g_lp.reshape(-1) if g_lp is not None else None
+        g_ent = g_ent.reshape(-1) if g_ent is not None else None
+        for i in range(0, N, ctx.chunk):
+            r = slice(i, i + ctx.chunk)
+            hc = h2[r]
+            dlogits = F.linear(hc, weight, bias)  # recompute, then overwrite in place
+            ctx.impl.stats_bwd(
+                dlogits, t[r], lse[r], ent[r] if g_ent is not None else None,
+                g_lp[r] if g_lp is not None else None, g_ent[r] if g_ent is not None else None,
+                ctx.inv_temp, ctx.ignore_index, dlogits,
+            )
+            if need_h:
+                torch.mm(dlogits, weight.to(dlogits.dtype), out=dh[r])
+            if need_w:
+                if dlogits.dtype == acc and hc.dtype == acc:
+                    dw.addmm_(dlogits.t(), hc)
+                else:
+                    # low-precision GEMM (fp32 accumulation inside), fp32 sum over chunks
+                    dw.add_(torch.mm(dlogits.t(), hc.to(dlogits.dtype)))
+            if need_b:
+                db.add_(dlogits.sum(0, dtype=acc))
+            del dlogits
+        return _finish(ctx, dh, dw, weight, db, bias)
+
+
+def _finish(ctx, dh, dw, weight, db, bias):
+    if dh is not None:
+        dh = dh.view(ctx.hidden_shape)
+    if dw is not None:
+        dw = dw.to(weight.dtype)
+    if db is not None:
+        db = db.to(bias.dtype)
+    return dh, dw, db, None, None, None, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    *,
+    backend: str = "auto",
+):
+    """Per-token log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / T)``.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states.
+        weight: ``[V, H]`` LM-head weight; ``bias``: optional ``[V]``.
+        targets: ``[...]`` token ids (``ignore_index`` -> log-prob 0).
+        return_entropy: also return the per-token entropy.
+        chunk_size: tokens per chunk (default: ~16 MiB of fp32 logits per
+            chunk on CPU, ~256 MiB on GPU).
+        backend: internal/testing switch, see :func:`rlhfzoo.kernels.logprobs`.
+
+    Returns:
+        fp32 log-probs shaped like ``targets`` (fp64 for fp64 inputs), or
+        ``(logprobs, entropy)`` when ``return_entropy``.  Differentiable
+        w.r.t. ``hidden``, ``weight`` and ``bias``.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    temperature = check_temperature(temperature)
+    backend = resolve_backend(backend, hidden)
+    if backend == "eager":
+        return _reference.linear_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+    N = targets.numel()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(N, weight.shape[0], hidden.device)
+    chunk_size = max(1, int(chunk_size))
+    if targets.dtype != torch.long:
+        targets = targets.long()
+    impl = implementation(backend, hidden)
+    return _LinearStats.apply(hidden, weight, bias, targets, temperature, int(ignore_index),
+                              bool(return_entropy), chunk_size, impl)

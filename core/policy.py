@@ -1,0 +1,256 @@
+"""The default policy: a Hugging Face `transformers` causal LM (registered as `hf`).
+
+Weights come from the task's cached SFT model (`init: sft`), a new model trained from scratch
+(`init: scratch`, GPT-2 or Llama style, sized by the task), or a local path / hub id.
+
+Every log-prob goes through `rlhfzoo.kernels.linear_logprobs`, from the last hidden states and
+the LM-head weight, so the [B, T, V] logits never exist at once. `LMWithHeads.forward` does this
+inside the module's forward, so the same code runs under DDP/FSDP wrappers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_model, save_model
+
+from rlhfzoo import hookimpl, kernels
+from rlhfzoo.data.collate import pad, prompt_ids
+from rlhfzoo.interfaces import Policy, PluginConfig, Rollout
+
+
+class HFPolicyConfig(PluginConfig):
+    init: str = Field(
+        "sft",
+        description="Where the weights come from: `sft` (the task's cached SFT policy, trained on demand), "
+        "`scratch` (a new model of `arch`), or a local path / hub id of a pretrained causal LM.",
+    )
+    arch: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture of a model trained from scratch.")
+    n_layer: int | None = Field(None, ge=1, description="Layers of a model from scratch (null: the task's default).")
+    n_embd: int | None = Field(None, ge=8, description="Hidden size of a model from scratch (null: the task's default).")
+    n_head: int | None = Field(None, ge=1, description="Attention heads of a model from scratch (null: the task's default).")
+    n_positions: int | None = Field(None, ge=8, description="Context length of a model from scratch (null: the task's default).")
+    tokenizer: str | None = Field(None, description="Tokenizer path or hub id (null: the model's own, or the task's).")
+    value_head: bool = Field(False, description="Add a scalar value head on the last hidden state (actor-critic).")
+    max_length: int = Field(128, ge=4, description="Longest prompt + response in tokens; longer ones are truncated and counted.")
+    max_new_tokens: int = Field(32, ge=1, description="Most tokens generated per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: all).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    seed: int = Field(0, description="Seed for the initialisation of a model from scratch.")
+
+
+class LMWithHeads(torch.nn.Module):
+    """A causal LM plus an optional value head; forward returns per-token log-probs (and values)."""
+
+    def __init__(self, lm: torch.nn.Module, value_head: bool = False):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        self.value_head = torch.nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        return_values: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        # Positions count real tokens only, so left padding does not shift them.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        head = self.lm.get_output_embeddings()
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        result = kernels.linear_logprobs(
+            hidden[:, :-1], head.weight, targets, bias=head.bias, temperature=temperature, return_entropy=return_entropy
+        )
+        out: dict[str, torch.Tensor] = {}
+        if return_entropy:
+            out["logprobs"], out["entropy"] = result
+        else:
+            out["logprobs"] = result
+        if return_values:
+            if self.value_head is None:
+                raise RuntimeError("this policy has no value head; set `policy.value_head: true`")
+            out["values"] = self.value_head(hidden).squeeze(-1).float()
+        return out
+
+
+def build_scratch_model(config: HFPolicyConfig, tokenizer: Any, defaults: dict[str, Any]) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    size = {k: getattr(config, k) if getattr(config, k) is not None else defaults.get(k) for k in ("n_layer", "n_embd", "n_head", "n_positions")}
+    size = {k: v if v is not None else d for (k, v), d in zip(size.items(), (2, 128, 4, 128))}
+    arch = config.arch
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if arch == "llama":
+        mcfg = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=size["n_embd"], intermediate_size=4 * size["n_embd"],
+            num_hidden_layers=size["n_layer"], num_attention_heads=size["n_head"],
+            max_position_embeddings=size["n_positions"], tie_word_embeddings=True, **ids,
+        )
+    else:
+        mcfg = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=size["n_positions"], n_embd=size["n_embd"], n_layer=size["n_layer"],
+            n_head=size["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+        )
+    torch.manual_seed(config.seed)
+    return AutoModelForCausalLM.from_config(mcfg)
+
+
+class HFPolicy(Policy):
+    name = "hf"
+    aliases = ("transformers",)
+    summary = "A Hugging Face transformers causal LM (local path, hub id, or trained from scratch)."
+    paper = ""
+    Config = HFPolicyConfig
+
+    def __init__(self, config: HFPolicyConfig | None = None, task: Any = None, model: torch.nn.Module | None = None, tokenizer: Any = None):
+        self.config = config or HFPolicyConfig()
+        self.task = task
+        if model is None:
+            model, tokenizer = self._build(task)
+        self.tokenizer = tokenizer
+        self.model = model if isinstance(model, LMWithHeads) else LMWithHeads(model, self.config.value_head)
+        if self.config.value_head and self.module.value_head is None:
+            self.module.value_head = LMWithHeads(self.module.lm, True).value_head
+
+    # ------------------------------------------------------------------------------ building
+    def _build(self, task: Any) -> tuple[torch.nn.Module, Any]:
+        from transformers import AutoModelForCausalLM
+
+        init = self.config.init
+        if init == "scratch":
+            if task is None:
+                raise ValueError("policy.init=scratch needs a task (for the tokenizer and model size)")
+            tok = self._tokenizer(None, task)
+            return build_scratch_model(self.config, tok, task.default_model_config()), tok
+        if init == "sft":
+            if task is None:
+                raise ValueError("policy.init=sft needs a task")
+            from rlhfzoo import stages
+
+            path = str(stages.sft_policy_path(task))
+        else:
+            path = init
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path)
+        except OSError as e:
+            raise ValueError(
+                f"policy.init: could not load a causal LM from {path!r} ({e}). Give a local directory written "
+                "by `save_pretrained`, a hub id reachable from this machine, `sft` or `scratch`."
+            ) from None
+        tok = self._tokenizer(path, task)
+        value_file = Path(path) / "value_head.safetensors"
+        policy_model = LMWithHeads(model, self.config.value_head or value_file.exists())
+        if value_file.exists():
+            from safetensors.torch import load_file
+
+            policy_model.value_head.load_state_dict(load_file(str(value_file)))
+        return policy_model, tok
+
+    def _tokenizer(self, model_path: str | None, task: Any) -> Any:
+        from transformers import AutoTokenizer
+
+        source = self.config.tokenizer or model_path
+        if source is None:
+            tok = task.tokenizer()
+        else:
+            tok = AutoTokenizer.from_pretrained(source)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    # ------------------------------------------------------------------------------ log-probs
+    def forward(self, input_ids, attention_mask, **kwargs) -> dict[str, torch.Tensor]:
+        return self.model(input_ids, attention_mask, temperature=self.config.temperature, **kwargs)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.forward(input_ids, attention_mask)["logprobs"]
+
+    # ------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
+        cfg = self.config.model_copy(update=sampling) if sampling else self.config
+        tok = self.tokenizer
+        lm = self.module.lm
+        encoded = [prompt_ids(tok, p)[-(cfg.max_length - cfg.max_new_tokens):] for p in prompts]
+        ids = pad(encoded, tok.pad_token_id, side="left")
+        attn = pad([[1] * len(e) for e in encoded], 0, side="left")
+        device = next(lm.parameters()).device
+        was_training = lm.training
+        lm.eval()
+        out = lm.generate(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k or None,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        lm.train(was_training)
+        P = ids.shape[1]
+        gen = out[:, P:].cpu()
+        is_eos = gen == tok.eos_token_id
+        # Keep tokens up to and including the first EOS.
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        resp_mask = (~after_eos).long()
+        finished = is_eos.any(-1)
+        gen = gen.masked_fill(after_eos, tok.pad_token_id)
+        sequences = torch.cat([ids, gen], dim=1)
+        attention_mask = torch.cat([attn, resp_mask], dim=1)
+        response_mask = torch.cat([torch.zeros_like(attn), resp_mask], dim=1)
+        responses = [
+            tok.decode(row[m.bool() & (row != tok.eos_token_id)].tolist(), skip_special_tokens=True).strip()
+            for row, m in zip(gen, resp_mask)
+        ]
+        # Recompute the sampled tokens' log-probs with the training forward, so the PPO ratio is 1.
+        lp = self.logprobs(sequences.to(device), attention_mask.to(device)).float().cpu()
+        lp = lp * response_mask[:, 1:]
+        return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
+
+    # ------------------------------------------------------------------------------ copies & files
+    def frozen_copy(self) -> "HFPolicy":
+        module = copy.deepcopy(self.module)
+        module.requires_grad_(False)
+        module.eval()
+        return HFPolicy(self.config, task=self.task, model=module, tokenizer=self.tokenizer)
+
+    def save(self, path: str) -> None:
+        """A directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+        os.makedirs(path, exist_ok=True)
+        self.module.lm.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        if self.module.value_head is not None:
+            from safetensors.torch import save_file
+
+            save_file(self.module.value_head.state_dict(), os.path.join(path, "value_head.safetensors"))
+        with open(os.path.join(path, "rlhfzoo_policy.json"), "w") as f:
+            json.dump({"policy": self.name, "config": self.config.model_dump(mode="json")}, f, indent=1)
+
+    def save_weights(self, file: str) -> None:
+        save_model(self.module, file)
+
+    def load_weights(self, path: str) -> None:
+        file = path if str(path).endswith(".safetensors") else os.path.join(path, "model.safetensors")
+        load_model(self.module, file)
+
+
+@hookimpl
+def register_policies(register):
+    register(HFPolicy)

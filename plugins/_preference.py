@@ -1,0 +1,210 @@
+"""Shared plumbing of the offline preference objectives (`dpo`, `ipo`, `kto`).
+
+Not a plugin (it registers nothing). It holds what the three losses have in common:
+
+* `ReferenceCache`: reference log-probs computed once per example before training (batched,
+  under `torch.no_grad`, keyed by dataset row), so the trainer can free the reference model;
+* `reference_logprobs`: the per-step alternative, through the frozen reference model;
+* `PairedObjective`: the DPO/IPO skeleton -- chosen/rejected log-ratios of a batch of pairs,
+  with degenerate pairs (chosen == rejected) masked out -- leaving the loss formula to the
+  subclass;
+* the per-step metrics (plain floats): implicit rewards, reward accuracy and margin, KL.
+
+LoRA adapters as the reference (peft's "disable the adapter to get pi_ref") are not
+implemented: the reference is always a frozen copy of the initial policy, or its cached
+log-probs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlhfzoo.interfaces import Batch, LossOutput, Objective, Policy, SequenceBatch
+
+# ------------------------------------------------------------------------------ small helpers
+
+
+def response_tokens(seq: SequenceBatch) -> torch.Tensor:
+    """Number of response tokens whose log-prob is taken, per example [B] (what
+    `Policy.sequence_logprobs` sums over; >= 1 whenever the sequence starts with a prompt/BOS token)."""
+    return seq.response_mask[:, 1:].sum(-1)
+
+
+def concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
+    """Stack two right-padded batches into one (padding the narrower one), for a single forward pass."""
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=0)
+
+    return SequenceBatch(*(torch.cat([widen(x), widen(y)]) for x, y in zip(
+        (a.input_ids, a.attention_mask, a.response_mask), (b.input_ids, b.attention_mask, b.response_mask))))
+
+
+def identical(a: SequenceBatch, b: SequenceBatch) -> torch.Tensor:
+    """[B] bool: example i of `a` and of `b` are the same token sequence (padding ignored)."""
+    width = min(a.input_ids.shape[1], b.input_ids.shape[1])
+    len_a, len_b = a.attention_mask.sum(-1), b.attention_mask.sum(-1)
+    same = (a.input_ids[:, :width] == b.input_ids[:, :width]) | (a.attention_mask[:, :width] == 0)
+    return same.all(-1) & (len_a == len_b) & (len_a <= width)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over `mask`; 0 (still attached to the graph) when the mask is empty."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def reference_logprobs(reference: Policy | None, seq: SequenceBatch, average: bool) -> torch.Tensor:
+    """log pi_ref(y|x) [B] from the frozen reference model (moved to the batch's device if needed)."""
+    if reference is None:
+        raise RuntimeError(
+            "this objective computes reference log-probs per step (`reference: model`) but got no reference "
+            "policy; it needs `needs_reference = True` and a trainer that keeps the reference model"
+        )
+    module = reference.module
+    param = next(module.parameters(), None)
+    if param is not None and param.device != seq.input_ids.device:
+        module.to(seq.input_ids.device)  # the trainer builds the reference on the CPU
+    with torch.no_grad():
+        return reference.sequence_logprobs(seq, average=average).float()
+
+
+# ------------------------------------------------------------------------------ reference cache
+
+
+class ReferenceCache:
+    """Reference log-probs per dataset row, under one or more names ("chosen", "rejected", ...).
+
+    `build` runs the reference over a list of examples in batches of `batch_size` under
+    `torch.no_grad` and stores `log pi_ref` of the sequences `view(batch)` picks out of each
+    collated batch, at the rows the batch's `index` names. `lookup` returns them for a batch
+    (on the batch's device); rows never filled are reported, not invented.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    @torch.no_grad()
+    def build(
+        self,
+        views: dict[str, Callable[[Batch], SequenceBatch]],
+        examples: Sequence[Any],
+        collate: Callable[[list], Batch],
+        reference: Policy,
+        average: bool,
+        batch_size: int = 64,
+    ) -> None:
+        n = len(examples)
+        store = {name: torch.full((n,), float("nan"), dtype=torch.float32) for name in views}
+        module = reference.module
+        if torch.cuda.is_available() and next(module.parameters()).device.type == "cpu":
+            module.to(torch.device("cuda", torch.cuda.current_device()))
+        device = next(module.parameters()).device
+        was_training = module.training
+        module.eval()
+        try:
+            # Similar lengths together: less padding per forward pass.
+            order = sorted(range(n), key=lambda i: _text_length(examples[i]))
+            for k in range(0, n, batch_size):
+                rows = order[k : k + batch_size]
+                batch = collate([(i, examples[i]) for i in rows]).to(device)
+                index = batch.index.cpu()
+                for name, view in views.items():
+                    store[name][index] = reference.sequence_logprobs(view(batch), average=average).float().cpu()
+        finally:
+            module.train(was_training)
+        self.values.update(store)
+
+    def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        values = self.values[name]
+        rows = index.cpu()
+        if rows.numel() and (rows.max() >= len(values) or rows.min() < 0):
+            raise KeyError(f"reference cache {name!r} holds {len(values)} rows, the batch asks for row {rows.max().item()}")
+        return values[rows].to(index.device)
+
+
+def _text_length(example: Any) -> int:
+    return sum(len(v) for v in vars(example).values() if isinstance(v, str)) if hasattr(example, "__dict__") else 0
+
+
+# ------------------------------------------------------------------------------ pairwise objectives
+
+
+class PairedObjective(Objective):
+    """Skeleton of a pairwise offline objective (DPO, IPO): reference handling, masking and metrics.
+
+    The subclass sets `Config` (with `average_logprobs`, `reference`, `reference_batch_size`),
+    `reward_scale` (the coefficient of the implicit reward `scale * log-ratio` in the metrics),
+    and writes `loss` with `pair_logratios` and `pair_metrics`.
+    """
+
+    data_kind = "pairs"
+    needs_reference = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.cache = ReferenceCache()
+
+    @property
+    def reward_scale(self) -> float:
+        raise NotImplementedError
+
+    def prepare(self, data, collate, reference) -> bool:
+        same = sum(e.chosen == e.rejected for e in data)
+        if same:
+            warnings.warn(
+                f"{self.name}: {same} of {len(data)} preference pairs have identical chosen and rejected responses; "
+                "they express no preference and are masked out of the loss (counted as `skipped_pairs`)",
+                stacklevel=2,
+            )
+        if self.config.reference != "cached":
+            return False
+        if reference is None:
+            raise RuntimeError(f"{self.name}: `reference: cached` needs the reference policy in `prepare`")
+        views = {"chosen": lambda b: b.sequences, "rejected": lambda b: b.rejected}
+        self.cache.build(views, data, collate, reference, self.config.average_logprobs, self.config.reference_batch_size)
+        return True
+
+    def pair_logratios(self, batch: Batch, policy: Policy, reference: Policy | None):
+        """(chosen log-ratios [B], rejected log-ratios [B], valid [B] bool).
+
+        log-ratio = log pi(y|x) - log pi_ref(y|x), summed or averaged over response tokens
+        (`average_logprobs`). `valid` drops pairs whose two sides are the same token sequence,
+        and any side without a response token (impossible with the library's collator, which
+        always ends a response with EOS -- an empty completion is scored as "stop at once").
+        """
+        avg = self.config.average_logprobs
+        chosen, rejected = batch.sequences, batch.rejected
+        n = len(chosen)
+        policy_lp = policy.sequence_logprobs(concat(chosen, rejected), average=avg).float()
+        pi_c, pi_r = policy_lp[:n], policy_lp[n:]
+        if self.config.reference == "cached" and "chosen" in self.cache:
+            ref_c, ref_r = self.cache.lookup("chosen", batch.index), self.cache.lookup("rejected", batch.index)
+        else:
+            ref = reference_logprobs(reference, concat(chosen, rejected), avg)
+            ref_c, ref_r = ref[:n], ref[n:]
+        valid = ~identical(chosen, rejected) & (response_tokens(chosen) > 0) & (response_tokens(rejected) > 0)
+        return pi_c - ref_c, pi_r - ref_r, valid
+
+    def pair_metrics(self, chosen: torch.Tensor, rejected: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+        """Implicit rewards (scale * log-ratio), reward accuracy and margin, KL on the batch."""
+        chosen, rejected = chosen.detach(), rejected.detach()
+        s = self.reward_scale
+        return {
+            "reward_chosen": masked_mean(s * chosen, valid).item(),
+            "reward_rejected": masked_mean(s * rejected, valid).item(),
+            "accuracy": masked_mean((chosen > rejected).float(), valid).item(),
+            "reward_margin": masked_mean(s * (chosen - rejected), valid).item(),
+            "kl": masked_mean(chosen, valid).item(),  # E_{y_w}[log pi/pi_ref] on the batch
+            "skipped_pairs": float((~valid).sum().item()),
+        }
+
+    def pair_loss(self, losses: torch.Tensor, chosen, rejected, valid) -> LossOutput:
+        return LossOutput(masked_mean(losses, valid), self.pair_metrics(chosen, rejected, valid))

@@ -1,0 +1,81 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290).
+
+The KL-regularised reward-maximisation problem has the closed-form optimum
+pi*(y|x) ∝ pi_ref(y|x) exp(r(x, y) / beta), so r = beta log pi/pi_ref + const, and the
+Bradley-Terry likelihood of the preferences becomes a loss on the policy alone:
+
+    h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+    L = - log sigma(beta * h)                                   # Eq. (7), arXiv:2305.18290
+
+Conservative DPO (cDPO; Mitchell 2023, "A note on DPO with noisy preferences") assumes each label
+is flipped with probability eps and takes the expected loss:
+
+    L = - (1 - eps) log sigma(beta * h) - eps log sigma(-beta * h)
+
+With eps > 0 the loss has a finite minimiser in h (beta h* = log((1 - eps) / eps)); at
+eps = 0.5 it is symmetric in h, minimal (log 2) at h = 0: the labels carry no information.
+
+Options: `average_logprobs` uses per-token means instead of the paper's sums; `reference: cached`
+(default) computes log pi_ref once per example before training and lets the trainer free the
+reference model, `reference: model` keeps the frozen reference and runs it every step. LoRA
+adapters as the reference (peft) are not implemented.
+
+Pairs whose chosen and rejected responses are identical carry no preference (h = 0 whatever the
+policy, zero gradient); they are counted and masked out of the loss rather than diluting it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from rlhfzoo import hookimpl
+from rlhfzoo.interfaces import LossOutput, PluginConfig
+from rlhfzoo.plugins._preference import PairedObjective
+
+
+def dpo_loss(
+    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-example (c)DPO loss [B] from the log-ratios log pi(y|x) - log pi_ref(y|x) of each side."""
+    logits = beta * (chosen_logratios - rejected_logratios)  # beta * h
+    # Eq. (7), arXiv:2305.18290; label smoothing eps: conservative DPO. logsigmoid is stable for any |h|.
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+class DPO(PairedObjective):
+    name = "dpo"
+    summary = "Direct Preference Optimization: -log sigma(beta * h), h = difference of chosen/rejected log-ratios to the reference."
+    paper = "Rafailov et al. 2023, arXiv:2305.18290"
+
+    class Config(PluginConfig):
+        beta: float = Field(0.1, gt=0, description="Inverse temperature beta: strength of the implicit KL penalty to the reference (higher: stay closer).")
+        label_smoothing: float = Field(
+            0.0, ge=0, le=0.5, description="Conservative-DPO label-flip probability eps: loss = -(1-eps) log sigma(beta h) - eps log sigma(-beta h); 0: plain DPO."
+        )
+        average_logprobs: bool = Field(
+            False, description="Length-average the response log-probs instead of summing them (the paper sums)."
+        )
+        reference: Literal["cached", "model"] = Field(
+            "cached",
+            description="`cached`: reference log-probs computed once per example before training, then the reference model is freed; "
+            "`model`: keep the frozen reference model and run it every step.",
+        )
+        reference_batch_size: int = Field(64, ge=1, description="Examples per forward pass when caching reference log-probs.")
+
+    @property
+    def reward_scale(self) -> float:
+        return self.config.beta
+
+    def loss(self, batch, policy, reference=None) -> LossOutput:
+        chosen, rejected, valid = self.pair_logratios(batch, policy, reference)
+        losses = dpo_loss(chosen, rejected, self.config.beta, self.config.label_smoothing)
+        return self.pair_loss(losses, chosen, rejected, valid)
+
+
+@hookimpl
+def register_objectives(register):
+    register(DPO)

@@ -1,0 +1,185 @@
+"""Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306).
+
+Learns from single responses labelled desirable / undesirable, no pairs. With the implied reward
+r = log pi(y|x) - log pi_ref(y|x) and a reference point z0 = KL(pi || pi_ref), the
+prospect-theoretic value of an example is sigma(beta (r - z0)) if desirable, sigma(beta (z0 - r))
+if undesirable, and the loss is
+
+    L = E_x,y [ w(y) (1 - v(x, y)) ]             # the KTO loss, Sec. 4.1, arXiv:2402.01306
+        desirable:    w_d * (1 - sigma(beta * (r - z0)))
+        undesirable:  w_u * (1 - sigma(beta * (z0 - r)))
+
+z0 is estimated from mismatched prompt/completion pairs (x_i, y_j), i != j, as the mean of
+their log-ratios -- averaged over processes when torch.distributed is initialised, clamped at 0
+(a KL is non-negative) and detached (no gradient flows through the reference point), as the
+paper prescribes. The mismatched pairs:
+
+* `reference: model` -- the collator's in-batch pairs (prompt i with response i+1), with the
+  frozen reference model run on them every step;
+* `reference: cached` (default) -- every row gets a fixed partner row (a seeded cyclic
+  permutation of the data) before training, and the reference log-probs of both its own and its
+  mismatched sequence are cached, so the trainer frees the reference model (the partners are
+  fixed because the in-batch pairs change with the batch, and a cache needs them known ahead).
+
+Either way the estimate is a mean over the micro-batch, so KTO needs >= 2 examples per
+micro-batch (with one, the collator's "mismatched" pair is the example itself).
+
+The paper recommends w_d n_d / (w_u n_u) in [1, 4/3] (n_d, n_u: desirable and undesirable
+counts); `prepare` warns once when the data and weights fall outside. Log-probs are summed over
+response tokens (as in the paper); `average_logprobs` length-averages them. LoRA adapters as the
+reference (peft) are not implemented.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from rlhfzoo import hookimpl
+from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, UnpairedExample
+from rlhfzoo.plugins._preference import ReferenceCache, masked_mean, reference_logprobs, response_tokens
+
+RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)  # w_d n_d / (w_u n_u), Sec. 4.2 of arXiv:2402.01306
+
+
+def kto_kl_estimate(kl_logratios: torch.Tensor) -> torch.Tensor:
+    """z0: detached, non-negative estimate of KL(pi || pi_ref) from mismatched pairs' log-ratios [B]."""
+    z0 = kl_logratios.detach().float().mean()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(z0, op=torch.distributed.ReduceOp.SUM)
+        z0 = z0 / torch.distributed.get_world_size()
+    return z0.clamp(min=0.0)
+
+
+def kto_loss(
+    logratios: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-example KTO loss [B]; `kl` is the reference point z0 (detached here whatever is passed)."""
+    z0 = torch.as_tensor(kl, dtype=logratios.dtype, device=logratios.device).detach()
+    desirable_loss = desirable_weight * (1.0 - torch.sigmoid(beta * (logratios - z0)))  # Sec. 4.1 arXiv:2402.01306, desirable y
+    undesirable_loss = undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - logratios)))  # Sec. 4.1 arXiv:2402.01306, undesirable y
+    return torch.where(desirable.bool(), desirable_loss, undesirable_loss)
+
+
+class KTO(Objective):
+    name = "kto"
+    summary = "Kahneman-Tversky Optimization: prospect-theoretic loss on single desirable/undesirable responses, reference point z0 = KL(pi||pi_ref)."
+    paper = "Ethayarajh et al. 2024, arXiv:2402.01306"
+    data_kind = "unpaired"
+    needs_reference = True
+
+    class Config(PluginConfig):
+        beta: float = Field(0.1, gt=0, description="Inverse temperature beta of the value function (higher: stay closer to the reference).")
+        desirable_weight: float = Field(1.0, gt=0, description="Weight w_d of desirable examples' losses (lambda_D in the paper).")
+        undesirable_weight: float = Field(1.0, gt=0, description="Weight w_u of undesirable examples' losses (lambda_U in the paper).")
+        average_logprobs: bool = Field(
+            False, description="Length-average the response log-probs instead of summing them (the paper sums)."
+        )
+        reference: Literal["cached", "model"] = Field(
+            "cached",
+            description="`cached`: reference log-probs (own and fixed mismatched sequences) computed once per example before "
+            "training, then the reference model is freed; `model`: keep the frozen reference, use the in-batch mismatched pairs.",
+        )
+        reference_batch_size: int = Field(64, ge=1, description="Examples per forward pass when caching reference log-probs.")
+        seed: int = Field(0, description="Seed of the fixed mismatched partners of `reference: cached`.")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.cache = ReferenceCache()
+        self._partner: list[int] | None = None
+        self._data, self._collate = None, None
+
+    # ------------------------------------------------------------------------------ set-up
+    def prepare(self, data, collate, reference) -> bool:
+        c = self.config
+        n_d = sum(bool(e.desirable) for e in data)
+        n_u = len(data) - n_d
+        ratio = c.desirable_weight * n_d / (c.undesirable_weight * n_u) if n_u else float("inf")
+        lo, hi = RECOMMENDED_RATIO
+        if not lo <= ratio <= hi:
+            fix = (
+                f"e.g. desirable_weight={c.undesirable_weight * n_u / n_d:.3g} (ratio 1)"
+                if n_d and n_u
+                else "the data has only one class, so one term of the loss is never used"
+            )
+            warnings.warn(
+                f"kto: {n_d} desirable and {n_u} undesirable examples with desirable_weight={c.desirable_weight} and "
+                f"undesirable_weight={c.undesirable_weight} give w_d*n_d/(w_u*n_u) = {ratio:.3g}, outside the paper's "
+                f"recommended [1, 4/3]; {fix}",
+                stacklevel=2,
+            )
+        if c.reference != "cached":
+            return False
+        if reference is None:
+            raise RuntimeError("kto: `reference: cached` needs the reference policy in `prepare`")
+        n = len(data)
+        order = list(range(n))
+        random.Random(f"kto-partners-{c.seed}").shuffle(order)
+        partner = [0] * n
+        for k, i in enumerate(order):  # cyclic shift of a random order: nobody is their own partner (n >= 2)
+            partner[i] = order[(k + 1) % n]
+        self._partner, self._data, self._collate = partner, data, collate
+        mismatched = [self._mismatched(i) for i in range(n)]
+        self.cache.build({"own": lambda b: b.sequences}, data, collate, reference, c.average_logprobs, c.reference_batch_size)
+        self.cache.build({"kl": lambda b: b.sequences}, mismatched, collate, reference, c.average_logprobs, c.reference_batch_size)
+        return True
+
+    def _mismatched(self, i: int) -> UnpairedExample:
+        own, other = self._data[i], self._data[self._partner[i]]
+        return UnpairedExample(own.prompt, other.response, own.desirable)
+
+    # ------------------------------------------------------------------------------ loss
+    def loss(self, batch, policy, reference=None) -> LossOutput:
+        c = self.config
+        if len(batch) < 2:
+            raise ValueError(
+                f"kto needs at least 2 examples per micro-batch for its KL estimate z0 (mean log-ratio of mismatched "
+                f"prompt/response pairs); got {len(batch)} (dataset rows {batch.index.tolist()}). Raise train.batch_size "
+                "so that batch_size / (processes x grad_accum) >= 2."
+            )
+        avg, seq = c.average_logprobs, batch.sequences
+        cached = c.reference == "cached" and "own" in self.cache
+        if cached:  # the fixed partners whose reference log-probs were cached
+            kl_seq = self._collate([(int(i), self._mismatched(int(i))) for i in batch.index.tolist()]).sequences
+            kl_seq = kl_seq.to(seq.input_ids.device)
+            ref, ref_kl = self.cache.lookup("own", batch.index), self.cache.lookup("kl", batch.index)
+        else:
+            kl_seq = batch.kl_sequences
+            ref, ref_kl = reference_logprobs(reference, seq, avg), reference_logprobs(reference, kl_seq, avg)
+        logratios = policy.sequence_logprobs(seq, average=avg).float() - ref
+        with torch.no_grad():
+            z0 = kto_kl_estimate(policy.sequence_logprobs(kl_seq, average=avg).float() - ref_kl)
+        desirable = batch.desirable.bool()
+        valid = response_tokens(seq) > 0
+        losses = kto_loss(logratios, desirable, z0, c.beta, c.desirable_weight, c.undesirable_weight)
+        return LossOutput(masked_mean(losses, valid), self.metrics(logratios.detach(), desirable, z0, valid))
+
+    def metrics(self, logratios, desirable, z0, valid) -> dict[str, float]:
+        """Implicit rewards beta*r per class (0 when a class is absent), accuracy, margin, KL."""
+        beta, d, u = self.config.beta, desirable & valid, ~desirable & valid
+        reward_d = masked_mean(beta * logratios, d).item()
+        reward_u = masked_mean(beta * logratios, u).item()
+        correct = torch.where(desirable, logratios > z0, logratios < z0).float()
+        return {
+            "reward_desirable": reward_d,
+            "reward_undesirable": reward_u,
+            "reward_margin": reward_d - reward_u if d.any() and u.any() else 0.0,
+            "accuracy": masked_mean(correct, valid).item(),  # sign of r - z0 agrees with the label
+            "kl": masked_mean(logratios, valid).item(),  # mean log-ratio of the batch's own responses
+            "kl_estimate": z0.item(),  # z0, from the mismatched pairs
+            "desirable_fraction": masked_mean(desirable.float(), valid).item(),
+        }
+
+
+@hookimpl
+def register_objectives(register):
+    register(KTO)

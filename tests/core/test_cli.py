@@ -1,0 +1,92 @@
+"""The command line: list/show/plugins/registry, and user errors (exit 2, one message, no traceback)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RLHFZOO = str(Path(sys.executable).parent / "rlhfzoo")
+
+
+def run(*args, cwd=REPO, env=None):
+    return subprocess.run([RLHFZOO, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_list_and_kinds():
+    r = run("list")
+    assert r.returncode == 0, r.stderr
+    for name in ("sft", "gold", "hf", "sentiment", "hh-rlhf"):
+        assert f"  {name} " in r.stdout
+    r = run("list", "--kind", "tasks")
+    assert r.returncode == 0 and "objectives:" not in r.stdout and "sentiment" in r.stdout
+    r = run("list", "--kind", "nonsense")
+    assert r.returncode == 2 and "unknown kind" in r.stderr
+
+
+def test_show_lists_every_config_field():
+    r = run("show", "hf")
+    assert r.returncode == 0, r.stderr
+    from rlhfzoo.policy import HFPolicyConfig
+
+    for fname, f in HFPolicyConfig.model_fields.items():
+        assert f"    {fname} = " in r.stdout and f.description in r.stdout
+
+
+def test_show_unknown_name_suggests():
+    r = run("show", "sentimnt")
+    assert r.returncode == 2
+    assert "'sentimnt' is not registered. Did you mean 'sentiment'?" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_plugins_names_packages():
+    r = run("plugins")
+    assert r.returncode == 0
+    assert "rlhfzoo.plugins.sft  [rlhfzoo 0.1.0, built-in]: sft (objective)" in r.stdout
+
+
+def test_registry_check_passes_and_detects_drift(tmp_path):
+    r = run("registry", "--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    stale = tmp_path / "registry.yaml"
+    stale.write_text((REPO / "registry.yaml").read_text().replace("sft:", "sft-old:"))
+    r = run("registry", "--check", "--path", str(stale))
+    assert r.returncode == 1 and "out of step" in r.stderr
+
+
+def test_train_user_errors_exit_2_without_traceback(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("task: {name: sentiment\n")
+    r = run("train", str(bad_yaml))
+    assert r.returncode == 2 and "malformed YAML at line" in r.stderr and "Traceback" not in r.stderr
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("task: {name: sentiment}\nalgorithm: {name: sftt}\ntrain: {steps: -1}\n")
+    r = run("train", str(typo), f"output_dir={tmp_path / 'out'}")
+    assert r.returncode == 2
+    assert "algorithm.name" in r.stderr and "Did you mean 'sft'?" in r.stderr and "train.steps" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing written for a config that never ran
+
+    r = run("--debug", "train", str(typo))
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_broken_third_party_plugin_does_not_take_others_down(tmp_path):
+    """A plugin package whose module raises at import: reported by name, everything else works."""
+    site = tmp_path / "site"
+    dist = site / "rlhfzoo_broken-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rlhfzoo-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[rlhfzoo]\nbroken = rlhfzoo_broken\n")
+    (site / "rlhfzoo_broken.py").write_text("raise ImportError('needs a library that is not installed')\n")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = run("list", "--kind", "objective", env=env)
+    assert r.returncode == 0
+    assert "  sft " in r.stdout
+    assert "plugin 'rlhfzoo_broken' from package 'rlhfzoo-broken' failed to import" in r.stderr
+    assert "needs a library that is not installed" in r.stderr
+    env["RLHFZOO_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    r = run("list", env=env)
+    assert r.returncode == 0 and "rlhfzoo_broken" not in r.stderr

@@ -1,0 +1,166 @@
+"""The trainer: end-to-end SFT, atomic checkpoints, kill-and-resume, NaN handling, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfzoo import hookimpl
+from rlhfzoo.config import load_config
+from rlhfzoo.interfaces import LossOutput, Objective
+from rlhfzoo.registry import registry
+from rlhfzoo.testing import TINY_POLICY
+from rlhfzoo.trainer import NonFiniteError, Trainer, TrainingError, global_batch, latest_checkpoint
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def tiny_sft(out, **train):
+    return {
+        "task": {"name": "sentiment"},
+        "policy": dict(TINY_POLICY),
+        "algorithm": {"name": "sft"},
+        "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "eval_prompts": 0, "progress": False, **train},
+        "output_dir": str(out),
+    }
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "policy" / "model.safetensors"))
+
+
+def test_global_batch_is_a_function_of_the_step():
+    n, b = 10, 4
+    rows = [global_batch(n, b, s, seed=1) for s in range(5)]
+    flat = [i for r in rows for i in r]
+    assert sorted(flat[:10]) == list(range(10))  # first epoch is a permutation
+    assert rows[3] == global_batch(n, b, 3, seed=1)
+    assert rows != [global_batch(n, b, s, seed=2) for s in range(5)]
+
+
+def test_sft_trains_and_writes_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    summary = Trainer(load_config(data=tiny_sft(out, eval_prompts=8))).fit()
+    assert summary["finished"] and summary["step"] == 6
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (out / "summary.json").exists() and (out / "config.yaml").exists()
+    assert "gold" in json.loads((out / "summary.json").read_text())["eval"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "policy")  # loadable by transformers itself
+
+
+def test_stop_and_resume_is_bit_for_bit(tmp_path):
+    Trainer(load_config(data=tiny_sft(tmp_path / "a", save_every=2))).fit()
+    summary = Trainer(load_config(data=tiny_sft(tmp_path / "b", save_every=2, stop_after=3))).fit()
+    assert summary == {"finished": False, "step": 3}
+    assert not (tmp_path / "b" / "summary.json").exists()
+    Trainer(load_config(data=tiny_sft(tmp_path / "b", save_every=2))).fit(resume=True)
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = [json.loads(l)["loss"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+def test_existing_run_is_not_clobbered(tmp_path):
+    cfg = load_config(data=tiny_sft(tmp_path / "r", steps=1))
+    Trainer(cfg).fit()
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(cfg).fit()
+
+
+def test_kill_mid_run_then_resume(tmp_path):
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "cfg.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(tiny_sft(out, steps=400, save_every=1)))
+    proc = subprocess.Popen([str(BIN / "rlhfzoo"), "train", str(cfg_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and (latest_checkpoint(out) is None or latest_checkpoint(out).name < "step-000003"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    # A checkpoint torn mid-write (no manifest) and a leftover temp dir are ignored.
+    torn = out / "checkpoints" / "step-999999"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(out) == ckpt
+    done = subprocess.run(
+        [str(BIN / "rlhfzoo"), "train", str(cfg_path), "--resume", "train.steps=" + str(int(ckpt.name[5:]) + 2)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {ckpt}" in done.stdout + done.stderr
+    assert (out / "summary.json").exists()
+
+
+class NaNObjective(Objective):
+    name = "test-nan"
+    summary = "returns NaN on its second step (test only)"
+    data_kind = "demonstrations"
+    calls = 0
+
+    def loss(self, batch, policy, reference=None):
+        NaNObjective.calls += 1
+        lp = policy.sequence_logprobs(batch.sequences).mean()
+        return LossOutput(lp * (float("nan") if NaNObjective.calls >= 2 else 1.0))
+
+
+class NaNPlugin:
+    @hookimpl
+    def register_objectives(self, register):
+        register(NaNObjective)
+
+
+def test_nan_loss_stops_with_step_and_rows_and_saves_nothing(tmp_path):
+    registry.register_plugin(NaNPlugin(), name="test_nan_plugin", package="tests")
+    data = tiny_sft(tmp_path / "nan", save_every=1)
+    data["algorithm"] = {"name": "test-nan"}
+    trainer = Trainer(load_config(data=data))
+    with pytest.raises(NonFiniteError, match=r"at step 2, micro-batch 0 \(dataset rows \["):
+        trainer.fit()
+    ckpts = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert ckpts == ["step-000001"]  # the good step only; nothing from the NaN step
+    assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_batch_size_must_split_over_processes_and_accumulation(tmp_path):
+    with pytest.raises(TrainingError, match="multiple of processes x train.grad_accum"):
+        Trainer(load_config(data=tiny_sft(tmp_path / "x", batch_size=6, grad_accum=4)))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = str(HERE / "distributed_worker.py")
+    two = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29533", worker, str(tmp_path / "two"), "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one"), "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r0 = torch.load(tmp_path / "two" / "params-rank0.pt")
+    r1 = torch.load(tmp_path / "two" / "params-rank1.pt")
+    single = torch.load(tmp_path / "one" / "params-rank0.pt")
+    init = torch.load(tmp_path / "one" / "params-init.pt")
+    assert any(not torch.equal(init[k], single[k]) for k in init), "training changed nothing"
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks diverged on {k}"
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,431 @@
+"""Correctness of rlhfzoo.kernels against float64 PyTorch references.
+
+Every numerical test runs on two backends:
+
+* ``torch``  - the chunked CPU fast path (what CPU callers get);
+* ``triton`` - the Triton kernels, run on CPU tensors by the Triton
+  interpreter.  ``rlhfzoo.kernels`` loads an interpreted copy of its kernel
+  module on demand, so this works in the same pytest process whatever imported
+  ``triton`` before and whether or not ``TRITON_INTERPRET`` is set
+  (``test_triton_interpreter_independent_of_import_order`` checks both).
+
+The interpreter is slow (~10 ms per program and block), so Triton cases use a
+handful of rows and V = 300 (three 128-wide blocks, the last one partial).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rlhfzoo.kernels as K
+from rlhfzoo.kernels import _dispatch
+
+HAS_TRITON = _dispatch.triton_available()
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+V = 300  # not a multiple of any block size used
+
+
+# ----------------------------------------------------------------------------
+# float64 references (independent of the library's own _reference module)
+
+def ref_logprobs(x, t, T=1.0, ignore_index=-100):
+    lp = torch.log_softmax(x.double() / T, dim=-1)
+    ign = t == ignore_index
+    out = lp.gather(-1, t.masked_fill(ign, 0).unsqueeze(-1)).squeeze(-1)
+    return out.masked_fill(ign, 0.0)
+
+
+def ref_entropy(x, T=1.0):
+    lp = torch.log_softmax(x.double() / T, dim=-1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def ref_kl(x, y, T=1.0):
+    lp = torch.log_softmax(x.double() / T, dim=-1)
+    lq = torch.log_softmax(y.double() / T, dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def make_logits(shape, dtype, scale=3.0, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:  # a [B, T+1, V] buffer sliced like logits[:, :-1]
+        full = torch.randn(shape[0], shape[1] + 1, *shape[2:], generator=g, dtype=torch.float64) * scale
+        x = full.to(dtype)[:, :-1]
+        assert not x.is_contiguous()
+        return x
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def make_targets(shape, vocab, seed=1, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, vocab, shape, generator=g)
+    drop = torch.rand(shape, generator=g) < ignore_frac
+    return t.masked_fill(drop, -100)
+
+
+def tol(dtype):
+    # forward: fp32 accumulation in both cases; backward: one rounding to the
+    # logits' dtype (the Triton interpreter truncates to bf16 -> up to 1 ulp)
+    if dtype == torch.bfloat16:
+        return dict(atol=1e-5, rtol=1e-5), dict(atol=1e-6, rtol=2e-2)
+    return dict(atol=2e-5, rtol=1e-5), dict(atol=1e-6, rtol=1e-4)
+
+
+def grad_of(out, x, g):
+    (gx,) = torch.autograd.grad(out, x, g.to(out.dtype))
+    return gx
+
+
+# ----------------------------------------------------------------------------
+# logprobs
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1.0, 0.7])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_logprobs_matches_reference(backend, dtype, T, noncontig):
+    x = make_logits((2, 3, V), dtype, noncontig=noncontig)
+    # non-contiguous case: logits[:, :-1] of a leaf [2, 4, V] buffer
+    leaf = (x._base if noncontig else x).detach().requires_grad_(True)
+    x = leaf[:, :-1] if noncontig else leaf
+    t = make_targets((2, 3), V)
+    fwd_tol, bwd_tol = tol(dtype)
+
+    out = K.logprobs(x, t, temperature=T, backend=backend)
+    ref = ref_logprobs(x.detach(), t, T)
+    assert out.dtype == torch.float32 and out.shape == t.shape
+    torch.testing.assert_close(out.double(), ref, **fwd_tol)
+    assert (out <= 0).all()
+
+    g = torch.randn(t.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = grad_of(out, leaf, g)
+    xr = leaf.detach().double().requires_grad_(True)
+    want = grad_of(ref_logprobs(xr[:, :-1] if noncontig else xr, t, T), xr, g)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **bwd_tol)
+    if noncontig:  # the unused last position gets no gradient
+        assert (got[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_single_token(backend):
+    x = make_logits((V,), torch.float32).requires_grad_(True)
+    t = torch.tensor(7)
+    out = K.logprobs(x, t, backend=backend)
+    assert out.shape == ()
+    torch.testing.assert_close(out.double(), ref_logprobs(x.detach(), t), atol=2e-5, rtol=1e-5)
+    out.backward()
+    want = -torch.softmax(x.detach().double(), -1)
+    want[7] += 1
+    torch.testing.assert_close(x.grad.double(), want, atol=1e-6, rtol=1e-4)
+    # [1, V] too
+    out1 = K.logprobs(x.detach()[None], t[None], backend=backend)
+    torch.testing.assert_close(out1[0], out.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_ignore_whole_row(backend):
+    x = make_logits((2, 4, V), torch.float32).requires_grad_(True)
+    t = make_targets((2, 4), V, ignore_frac=0.0)
+    t[1] = -100
+    out = K.logprobs(x, t, backend=backend)
+    assert (out[1] == 0).all() and (out[0] < 0).all()
+    out.sum().backward()
+    assert (x.grad[1] == 0).all()
+    assert x.grad[0].abs().sum() > 0
+    # custom ignore_index
+    t2 = t.masked_fill(t == -100, 5)
+    t2[0, 0] = 5
+    out2 = K.logprobs(x.detach(), t2, ignore_index=5, backend=backend)
+    assert out2[0, 0] == 0 and (out2[1] == 0).all() and (out2[0, 1:] < 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_large_magnitude(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = ((torch.rand(2, 3, V, generator=g, dtype=torch.float64) * 2 - 1) * 9e3).to(dtype)
+    x[0, 0, 11] = 1e4  # a dominant target: log-prob is exactly 0, never > 0
+    t = make_targets((2, 3), V, ignore_frac=0.0)
+    t[0, 0] = 11
+    x.requires_grad_(True)
+    for T in (1.0, 0.5):
+        out = K.logprobs(x, t, temperature=T, backend=backend)
+        ref = ref_logprobs(x.detach(), t, T)
+        assert torch.isfinite(out).all() and (out <= 0).all()
+        assert out[0, 0] == 0
+        # values are ~1e4: relative fp32 accuracy
+        torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-5)
+        gx = grad_of(out, x, torch.ones(2, 3, dtype=torch.float64))
+        assert torch.isfinite(gx).all()
+        xr = x.detach().double().requires_grad_(True)
+        want = grad_of(ref_logprobs(xr, t, T), xr, torch.ones(2, 3, dtype=torch.float64))
+        torch.testing.assert_close(gx.double(), want, atol=1e-5, rtol=1e-2)
+
+
+def test_logprobs_shift_free_fast_path_agrees():
+    # moderate logits take the shift-free path, wide ones the shifted path
+    t = make_targets((4, 6), 1000)
+    for scale in (1.0, 20.0, 200.0):
+        x = make_logits((4, 6, 1000), torch.float32, scale=scale)
+        torch.testing.assert_close(K.logprobs(x, t).double(), ref_logprobs(x, t), atol=3e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_never_positive(backend):
+    # a nearly one-hot distribution in every row; rounding could give +eps
+    x = torch.full((4, V), -30.0)
+    t = torch.arange(4) * 7
+    x[torch.arange(4), t] = 30.0
+    out = K.logprobs(x, t, backend=backend)
+    assert (out <= 0).all()
+    assert out.abs().max() < 1e-6
+
+
+def test_logprobs_fp16_and_int32_targets():
+    x = make_logits((3, V), torch.float16)
+    t = make_targets((3,), V, ignore_frac=0.0).int()
+    out = K.logprobs(x, t)
+    torch.testing.assert_close(out.double(), ref_logprobs(x, t.long()), atol=2e-5, rtol=1e-5)
+
+
+def test_logprobs_no_grad_and_fp64_dtype():
+    x = make_logits((3, V), torch.float64)
+    t = make_targets((3,), V)
+    with torch.no_grad():
+        out = K.logprobs(x, t)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_logprobs(x, t), atol=1e-12, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# entropy and vocab KL
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1.0, 1.3])
+def test_entropy_matches_reference(backend, dtype, T):
+    x = make_logits((2, 3, V), dtype).requires_grad_(True)
+    fwd_tol, bwd_tol = tol(dtype)
+    out = K.entropy(x, temperature=T, backend=backend)
+    torch.testing.assert_close(out.double(), ref_entropy(x.detach(), T), **fwd_tol)
+    g = torch.randn(2, 3, dtype=torch.float64)
+    xr = x.detach().double().requires_grad_(True)
+    torch.testing.assert_close(grad_of(out, x, g).double(), grad_of(ref_entropy(xr, T), xr, g), **bwd_tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_large_magnitude(backend):
+    x = make_logits((3, V), torch.float32, scale=1e4)
+    x[0] = 5e3  # uniform row: entropy log V
+    out = K.entropy(x, backend=backend)
+    assert (out >= 0).all()
+    torch.testing.assert_close(out.double(), ref_entropy(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1.0, 0.8])
+def test_vocab_kl_matches_reference(backend, dtype, T):
+    x = make_logits((2, 3, V), dtype, seed=4, noncontig=False).requires_grad_(True)
+    y = make_logits((2, 3, V), dtype, seed=5, noncontig=True)
+    y_leaf = y._base.detach().requires_grad_(True)
+    y = y_leaf[:, :-1]
+    fwd_tol, bwd_tol = tol(dtype)
+    out = K.vocab_kl(x, y, temperature=T, backend=backend)
+    torch.testing.assert_close(out.double(), ref_kl(x.detach(), y.detach(), T), **fwd_tol)
+    assert (out >= 0).all()
+    g = torch.randn(2, 3, dtype=torch.float64)
+    gx, gy = torch.autograd.grad(out, [x, y_leaf], g.float())
+    xr = x.detach().double().requires_grad_(True)
+    yr = y_leaf.detach().double().requires_grad_(True)
+    wx, wy = torch.autograd.grad(ref_kl(xr, yr[:, :-1], T), [xr, yr], g)
+    torch.testing.assert_close(gx.double(), wx, **bwd_tol)
+    torch.testing.assert_close(gy.double(), wy, **bwd_tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_kl_identical_and_shifted(backend):
+    x = make_logits((3, V), torch.float32, scale=1e4)
+    # KL is shift-invariant per row, and zero for identical distributions
+    out = K.vocab_kl(x, x + 1e4, backend=backend)
+    assert out.abs().max() < 1e-3
+    y = make_logits((3, V), torch.float32, seed=9)
+    x2 = make_logits((3, V), torch.float32, seed=8)
+    kl = K.vocab_kl(x2, y, backend=backend)
+    torch.testing.assert_close(kl.double(), ref_kl(x2, y), atol=2e-5, rtol=1e-5)
+    # ref gradient skipped when ref is detached
+    xg = x2.clone().requires_grad_(True)
+    K.vocab_kl(xg, y, backend=backend).sum().backward()
+    assert xg.grad is not None
+
+
+# ----------------------------------------------------------------------------
+# token KL estimators
+
+def test_token_kl_estimators():
+    lp = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(4, 5, dtype=torch.float64)
+    r = lp.detach() - ref
+    torch.testing.assert_close(K.token_kl(lp, ref, "k1"), r)
+    torch.testing.assert_close(K.token_kl(lp, ref, "k2"), r * r / 2)
+    torch.testing.assert_close(K.token_kl(lp, ref, "k3"), torch.exp(-r) + r - 1)
+    assert (K.token_kl(lp, ref, "k3") >= 0).all() and (K.token_kl(lp, ref, "k2") >= 0).all()
+    assert K.token_kl(lp, ref).shape == lp.shape  # default k1
+    for est in ("k1", "k2", "k3"):
+        assert torch.autograd.gradcheck(lambda a, b: K.token_kl(a, b, est), (lp, ref.clone().requires_grad_(True)))
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        K.token_kl(lp, ref, "k4")
+
+
+# ----------------------------------------------------------------------------
+# fused linear
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_linear_logprobs_matches_reference(backend, with_bias, return_entropy):
+    g = torch.Generator().manual_seed(6)
+    H = 16
+    hidden = torch.randn(2, 5, H, generator=g).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) * 0.5).requires_grad_(True)
+    bias = torch.randn(V, generator=g).requires_grad_(True) if with_bias else None
+    t = make_targets((2, 5), V)
+    T = 0.9
+    out = K.linear_logprobs(hidden, weight, t, bias, temperature=T, return_entropy=return_entropy,
+                            chunk_size=3, backend=backend)  # 3 does not divide 10 tokens
+    params = [hidden, weight] + ([bias] if with_bias else [])
+    dparams = [p.detach().double().requires_grad_(True) for p in params]
+    logits = torch.nn.functional.linear(dparams[0], dparams[1], dparams[2] if with_bias else None)
+    ref_lp = ref_logprobs(logits, t, T)
+    gl = torch.randn(2, 5, dtype=torch.float64)
+    ge = torch.randn(2, 5, dtype=torch.float64)
+    if return_entropy:
+        lp, ent = out
+        ref_ent = ref_entropy(logits, T)
+        torch.testing.assert_close(ent.double(), ref_ent, atol=2e-5, rtol=1e-5)
+        loss, ref_loss = (lp * gl).sum() + (ent * ge).sum(), (ref_lp * gl).sum() + (ref_ent * ge).sum()
+    else:
+        lp = out
+        loss, ref_loss = (lp * gl).sum(), (ref_lp * gl).sum()
+    torch.testing.assert_close(lp.double(), ref_lp, atol=2e-5, rtol=1e-5)
+    assert (lp <= 0).all()
+    got = torch.autograd.grad(loss, params)
+    want = torch.autograd.grad(ref_loss, dparams)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_logprobs_bf16_and_frozen_weight():
+    g = torch.Generator().manual_seed(7)
+    H = 32
+    hidden = torch.randn(3, 7, H, generator=g).bfloat16().requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) * 0.3).bfloat16()  # frozen head
+    t = make_targets((3, 7), V)
+    lp = K.linear_logprobs(hidden, weight, t, chunk_size=4)
+    assert lp.dtype == torch.float32
+    # reference on the same bf16-rounded logits, accumulated in float64
+    logits = torch.nn.functional.linear(hidden.detach(), weight)
+    torch.testing.assert_close(lp.double(), ref_logprobs(logits, t), atol=1e-4, rtol=1e-4)
+    lp.sum().backward()
+    hr = hidden.detach().double().requires_grad_(True)
+    ref_lp = ref_logprobs(torch.nn.functional.linear(hr, weight.double()), t)
+    (want,) = torch.autograd.grad(ref_lp.sum(), hr)
+    assert hidden.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden.grad.double(), want, atol=2e-2, rtol=3e-2)
+
+
+def test_linear_logprobs_entropy_only_grad():
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    t = make_targets((6,), 50)
+    _, ent = K.linear_logprobs(hidden, weight, t, return_entropy=True, chunk_size=4)
+    ent.sum().backward()  # only the entropy output carries a gradient
+    hr = hidden.detach().requires_grad_(True)
+    ref = ref_entropy(torch.nn.functional.linear(hr, weight.detach()))
+    (want,) = torch.autograd.grad(ref.sum(), hr)
+    torch.testing.assert_close(hidden.grad, want)
+
+
+# ----------------------------------------------------------------------------
+# gradcheck in float64
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    g = torch.Generator().manual_seed(9)
+    n, v = (2, 20) if backend == "triton" else (3, 37)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(n, v, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[0] = -100 if n > 2 else t[0]
+    gc = torch.autograd.gradcheck
+    assert gc(lambda a: K.logprobs(a, t, temperature=0.7, backend=backend), (x,))
+    assert gc(lambda a: K.entropy(a, temperature=1.3, backend=backend), (x,))
+    assert gc(lambda a, b: K.vocab_kl(a, b, temperature=0.9, backend=backend), (x, y))
+    h = torch.randn(n, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True)
+    assert gc(lambda h_, w_, b_: K.linear_logprobs(h_, w_, t, b_, temperature=0.8, return_entropy=True,
+                                                    chunk_size=2, backend=backend), (h, w, b))
+
+
+# ----------------------------------------------------------------------------
+# API and dispatch
+
+def test_dispatch_and_validation():
+    x = make_logits((2, V), torch.float32)
+    t = make_targets((2,), V)
+    assert _dispatch.resolve_backend("auto", x) == "torch"  # CPU tensor
+    torch.testing.assert_close(K.logprobs(x, t, backend="eager"), K.logprobs(x, t), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        K.logprobs(x, t, backend="cuda")
+    with pytest.raises(ValueError, match="temperature"):
+        K.logprobs(x, t, temperature=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        K.logprobs(x, t[:1])
+    with pytest.raises(ValueError, match="shape"):
+        K.vocab_kl(x, x[:1])
+    with pytest.raises(ValueError):
+        K.linear_logprobs(torch.randn(2, 4), torch.randn(V, 5), t)
+    assert set(K.__all__) >= {"logprobs", "linear_logprobs", "token_kl", "vocab_kl", "entropy"}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_interpreter_independent_of_import_order():
+    import triton  # noqa: F401  (already imported, possibly without TRITON_INTERPRET)
+
+    mod = _dispatch.triton_module(interpret=True)
+    assert mod.INTERPRETED
+    # and in a fresh process where TRITON_INTERPRET=1 is set before anything
+    code = textwrap.dedent(
+        """
+        import torch, rlhfzoo.kernels as K
+        from rlhfzoo.kernels import _dispatch, _triton
+        assert _triton.INTERPRETED and _dispatch.triton_module(True) is _triton
+        x = torch.randn(3, 200); t = torch.tensor([1, -100, 5])
+        torch.testing.assert_close(K.logprobs(x, t, backend="triton"), K.logprobs(x, t), atol=1e-5, rtol=1e-5)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA")
+def test_cuda_triton_matches_reference():
+    x = make_logits((4, 1000), torch.bfloat16).cuda().requires_grad_(True)
+    t = make_targets((4,), 1000).cuda()
+    out = K.logprobs(x, t)
+    torch.testing.assert_close(out.double().cpu(), ref_logprobs(x.detach().cpu(), t.cpu()), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    xr = x.detach().cpu().double().requires_grad_(True)
+    ref_logprobs(xr, t.cpu()).sum().backward()
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, atol=1e-6, rtol=1e-2)
