@@ -24,7 +24,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rlhfzoo.config import ConfigError
     from rlhfzoo.trainer import TrainingError
 
-    errors: list[type[BaseException]] = [ConfigError, RegistryError, TrainingError]
+    from rlhfzoo.bench import BenchError
+
+    errors: list[type[BaseException]] = [ConfigError, RegistryError, TrainingError, BenchError]
     try:
         from rlhfzoo.data.jsonl import DataError
 
@@ -159,11 +161,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    try:
-        from rlhfzoo.bench import main as bench_main
-    except ImportError:
-        print("`rlhfzoo bench` is not available yet in this version", file=sys.stderr)
-        return EXIT_USER_ERROR
+    from rlhfzoo.bench import main as bench_main
+
     return bench_main(args.bench_args)
 
 
@@ -217,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `bench` has its own parser: hand it everything after the word.
+    if "bench" in argv and all(a.startswith("-") for a in argv[: argv.index("bench")]):
+        i = argv.index("bench")
+        argv = [*argv[:i], "bench", "--", *argv[i + 1 :]]
     args, extra = parser.parse_known_args(argv)
+    if args.command == "bench" and args.bench_args[:1] == ["--"]:
+        args.bench_args = args.bench_args[1:]
     # Overrides may follow flags (`train cfg.yaml --resume train.steps=5`): collect them too.
     if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]

@@ -206,6 +206,7 @@ class Policy(Plugin, ABC):
 
     model: torch.nn.Module
     tokenizer: Any
+    benchmark: ClassVar[bool] = False  # True for inference-time methods benchmarked as rows (best-of-n)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -277,6 +278,13 @@ class Objective(Plugin, ABC):
     online: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
     needs_reward: ClassVar[bool] = False
+    needs_value_head: ClassVar[bool] = False
+    # Recommended `train:` settings (TrainConfig fields) for this objective on the embedded task:
+    # the budget `rlhfzoo bench` gives it, stated in optimizer steps and batch size.
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    # Whether `rlhfzoo bench` includes it by default (stages such as SFT and reward-model
+    # training set this to False).
+    benchmark: ClassVar[bool] = True
 
     def __init__(self, config: PluginConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -284,6 +292,15 @@ class Objective(Plugin, ABC):
     @abstractmethod
     def loss(self, batch: Any, policy: Policy, reference: Policy | None) -> LossOutput:
         """The loss on one (micro-)batch."""
+
+    def example_kind(self) -> str:
+        """Which of the task's example kinds to train on (`data_kind` unless the config says otherwise)."""
+        return self.data_kind
+
+    def evaluate(self, policy: "Policy", task: "Task", **context: Any) -> dict[str, float] | None:
+        """Held-out figures for this objective's output, where sampling from the policy is not the
+        right evaluation (e.g. a reward model's pairwise accuracy); None: the default evaluation."""
+        return None
 
     def prepare(self, data: Sequence[Any], collate: Callable[[list], Any], reference: "Policy | None") -> bool:
         """Called once before training with the whole training set, a collate function taking

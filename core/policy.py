@@ -124,6 +124,9 @@ class HFPolicy(Policy):
             model, tokenizer = self._build(task)
         self.tokenizer = tokenizer
         self.model = model if isinstance(model, LMWithHeads) else LMWithHeads(model, self.config.value_head)
+        # Work done, for budgets in comparable units (benchmarks): tokens through training
+        # forwards and tokens generated.
+        self.counters = {"train_tokens": 0, "generated_tokens": 0}
         if self.config.value_head and self.module.value_head is None:
             self.module.value_head = LMWithHeads(self.module.lm, True).value_head
 
@@ -175,6 +178,8 @@ class HFPolicy(Policy):
 
     # ------------------------------------------------------------------------------ log-probs
     def forward(self, input_ids, attention_mask, **kwargs) -> dict[str, torch.Tensor]:
+        if torch.is_grad_enabled():
+            self.counters["train_tokens"] += int(attention_mask.sum())
         return self.model(input_ids, attention_mask, temperature=self.config.temperature, **kwargs)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -211,6 +216,7 @@ class HFPolicy(Policy):
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         resp_mask = (~after_eos).long()
         finished = is_eos.any(-1)
+        self.counters["generated_tokens"] += int(resp_mask.sum())
         gen = gen.masked_fill(after_eos, tok.pad_token_id)
         sequences = torch.cat([ids, gen], dim=1)
         attention_mask = torch.cat([attn, resp_mask], dim=1)

@@ -41,6 +41,14 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "rlhfzoo.plugins.dpo",
     "rlhfzoo.plugins.ipo",
     "rlhfzoo.plugins.kto",
+    "rlhfzoo.plugins.reward_model",
+    "rlhfzoo.plugins.critique",
+    "rlhfzoo.plugins.combined",
+    "rlhfzoo.plugins.ppo",
+    "rlhfzoo.plugins.ppo_penalty",
+    "rlhfzoo.plugins.a2c",
+    "rlhfzoo.plugins.rejection_sampling",
+    "rlhfzoo.plugins.best_of_n",
 )
 
 

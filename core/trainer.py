@@ -88,6 +88,13 @@ def lr_factor(train) -> Any:
     return factor
 
 
+def peak_rss_mb() -> float:
+    """High-water resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -110,6 +117,24 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         if artifacts.verify(p):
             return p
     return None
+
+
+class CountingReward(RewardSource):
+    """Wraps a reward source and counts the responses it scored (reward-model calls, for budgets)."""
+
+    def __init__(self, inner: RewardSource):
+        self.inner, self.config, self.task, self.calls = inner, inner.config, inner.task, 0
+        self.name = inner.name
+
+    def score(self, prompts, responses):
+        self.calls += len(responses)
+        return self.inner.score(prompts, responses)
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.inner.metrics(), "reward_calls": float(self.calls)}
+
+    def __getattr__(self, attr):  # anything else (e.g. a critique judge's `compare`) goes to the source
+        return getattr(self.inner, attr)
 
 
 class MetricsLog:
@@ -146,9 +171,12 @@ class Trainer:
 
         seed_everything(self.train.seed)
         self.task: Task = cfg.task.create()
-        self.policy: Policy = cfg.policy.create(task=self.task)
         self.objective: Objective = cfg.algorithm.create()
-        self.reward: RewardSource | None = cfg.reward.create(task=self.task) if cfg.reward else None
+        policy_cfg = cfg.policy.config
+        if self.objective.needs_value_head and "value_head" in type(policy_cfg).model_fields:
+            policy_cfg = policy_cfg.model_copy(update={"value_head": True})
+        self.policy: Policy = cfg.policy.entry.cls(policy_cfg, task=self.task)
+        self.reward: RewardSource | None = CountingReward(cfg.reward.create(task=self.task)) if cfg.reward else None
         self.reference: Policy | None = self.policy.frozen_copy() if self.objective.needs_reference else None
         if self.objective.online and self.reward is None:
             raise TrainingError(f"algorithm {cfg.algorithm.entry.name!r} is online and needs `reward: {{name: ...}}`")
@@ -165,7 +193,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- data
     def _load_data(self) -> list[Any]:
-        kind = self.objective.data_kind
+        kind = self.objective.example_kind()
         data = self.task.examples(kind, split="train")
         need = self.train.batch_size
         if len(data) < need:
@@ -327,7 +355,9 @@ class Trainer:
             metrics.update(self.objective.after_iteration(metrics))
             self.step += 1
             metrics = self._reduce(metrics)
-            if self.step % tr.log_every == 0 or self.step == tr.steps:
+            if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.steps:
+                metrics.update(self.periodic_eval())
+            if self.step % tr.log_every == 0 or self.step == tr.steps or any(k.startswith("eval/") for k in metrics):
                 row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **metrics}
                 log.write(row)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "reward", "kl", "accuracy")})
@@ -349,6 +379,23 @@ class Trainer:
         t = self.accelerator.reduce(t, reduction="mean")
         return dict(zip(keys, t.tolist()))
 
+    def _reference_for_eval(self) -> Policy | None:
+        if self.reference is None and self.objective.needs_reference:  # freed after caching: rebuild it
+            self.reference = self.cfg.policy.create(task=self.task).frozen_copy()
+        return self.reference
+
+    def periodic_eval(self) -> dict[str, float]:
+        """Held-out figures during training (for learning curves), logged as `eval/...`."""
+        from rlhfzoo.evaluation import evaluate
+
+        if not self.accelerator.is_main_process or not self.train.eval_prompts:
+            return {}
+        self.policy.model.eval()
+        n = min(self.train.eval_prompts, 64)
+        figures = evaluate(self.policy, self.task, self.reward, self._reference_for_eval(), n, seed=self.train.seed)
+        self.policy.model.train()
+        return {f"eval/{k}": v for k, v in figures.items() if k in ("gold", "proxy", "kl")}
+
     def finish(self, seconds: float) -> dict[str, Any]:
         from rlhfzoo.evaluation import evaluate
 
@@ -357,11 +404,16 @@ class Trainer:
         summary: dict[str, Any] = {"finished": True, "step": self.step, "train_seconds": seconds}
         if acc.is_main_process:
             self.policy.model.eval()
-            if self.train.eval_prompts:
-                reference = self.reference
-                if reference is None and self.objective.needs_reference:  # freed after caching: rebuild it
-                    reference = self.cfg.policy.create(task=self.task).frozen_copy()
-                summary["eval"] = evaluate(self.policy, self.task, self.reward, reference, self.train.eval_prompts, seed=self.train.seed)
+            own = self.objective.evaluate(self.policy, self.task, reward=self.reward, seed=self.train.seed)
+            if own is not None:
+                summary["eval"] = own
+            elif self.train.eval_prompts:
+                summary["eval"] = evaluate(
+                    self.policy, self.task, self.reward, self._reference_for_eval(), self.train.eval_prompts, seed=self.train.seed
+                )
+            summary["peak_rss_mb"] = peak_rss_mb()
+            summary["counters"] = dict(getattr(self.policy, "counters", {}))
+            summary["reward_source"] = self.reward.metrics() if self.reward is not None else {}
             tmp = self.out / ".policy.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             self.policy.save(str(tmp))

@@ -6,8 +6,17 @@ The first stage of the RLHF pipeline (InstructGPT, arXiv:2203.02155, Sec. 3.5) a
 objective a critique judge is trained with.
 """
 
+from pydantic import Field
+
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import LossOutput, Objective
+from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig
+
+
+class SFTConfig(PluginConfig):
+    examples: str = Field(
+        "demonstrations",
+        description="Which of the task's example kinds to imitate: `demonstrations`, or e.g. `critiques` to train a judge.",
+    )
 
 
 class SFT(Objective):
@@ -15,6 +24,11 @@ class SFT(Objective):
     summary = "Supervised fine-tuning: NLL on response tokens, prompt tokens masked."
     paper = "Ouyang et al. 2022, arXiv:2203.02155"
     data_kind = "demonstrations"
+    benchmark = False  # the baseline every benchmark row starts from
+    Config = SFTConfig
+
+    def example_kind(self) -> str:
+        return self.config.examples
 
     def loss(self, batch, policy, reference=None) -> LossOutput:
         seq = batch.sequences

@@ -1,0 +1,173 @@
+"""Tensor helpers shared by the online RL objectives: masked statistics, GAE, KL controllers.
+
+Masks are 0/1 tensors the shape of the data; a masked-out entry never contributes to a statistic
+and comes out as 0 of `gae`. Sequences may be left-padded (prompts) and right-padded (responses),
+so nothing here assumes where the valid entries start or end.
+
+    gae:                   Schulman et al. 2016, arXiv:1506.02438, Eq. (16)
+    AdaptiveKLController:  Ziegler et al. 2019, arXiv:1909.08593, Sec. 2.2
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+# ------------------------------------------------------------------------------ masked statistics
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over the entries where `mask` is 1 (over `dim`, or everything); 0 where none are."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries of `x` (Bessel-corrected unless `unbiased=False`)."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    centred = (x - masked_mean(x, mask)) * mask
+    var = (centred**2).sum() / n.clamp(min=1)
+    if unbiased:
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (mean added back if not `shift_mean`); 0 off the mask."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ advantages
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns, per token: ([B, T], [B, T]).
+
+        delta_t = r_t + gamma V_{t'} - V_t            t' = next valid step (V = 0 after the last)
+        A_t     = delta_t + gamma lam A_{t'}          (arXiv:1506.02438 Eq. 16)
+        R_t     = A_t + V_t                           (the value target, TD(lambda) return)
+
+    `mask` [B, T] marks the valid steps (the response tokens); the recursion skips the others,
+    so left padding, right padding or holes do not break it. Off the mask both outputs are 0.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    B, T = values.shape
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * m
+        # Only a valid step becomes "the next step" of the ones before it.
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_adv = torch.where(m > 0, adv, next_adv)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last 1 in each row of `mask` [B, T] (-1 for an all-zero row)."""
+    T = mask.shape[-1]
+    cols = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask > 0, cols, torch.full_like(cols, -1)).max(-1).values
+
+
+# ------------------------------------------------------------------------------ KL controllers
+
+
+class FixedKLController:
+    """A constant KL coefficient beta."""
+
+    def __init__(self, coef: float):
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019 (arXiv:1909.08593, Sec. 2.2): steer the KL towards `target`.
+
+        e_t      = clip(KL_t / target - 1, -0.2, 0.2)
+        beta_t+1 = beta_t (1 + K_beta e_t),   K_beta = n_steps / horizon
+
+    where n_steps is the number of samples (episodes) behind the measured KL_t.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"AdaptiveKLController needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.value, self.target, self.horizon = float(init_coef), float(target), float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        if not math.isfinite(current_kl):
+            return self.value
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
+
+
+# ------------------------------------------------------------------------------ running moments
+
+
+class RunningMoments:
+    """Running mean and standard deviation of a stream of batches (Chan et al.'s parallel update),
+    for reward normalisation; checkpointed through `state_dict`."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> tuple[float, float]:
+        """Fold in a batch; returns the batch's own (mean, std)."""
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return self.mean, self.std
+        b_mean, b_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+        return b_mean, math.sqrt(b_var * n / max(n - 1, 1))
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var * self.count / max(self.count - 1, 1)) if self.count else 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
