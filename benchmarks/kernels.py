@@ -451,7 +451,7 @@ def main() -> None:
         "peers": peer_status("cuda" if torch.cuda.is_available() else "cpu"),
     }
     cpu_lp = [] if args.skip_cpu else cpu_logprobs(reps)
-    cpu_lin = [] if args.skip_cpu else cpu_linear(max(3, reps // 2))
+    cpu_lin = [] if args.skip_cpu else cpu_linear(3)
     gpu = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -160,7 +160,7 @@ def worker(spec_path: str) -> int:
         (d / "config.yaml").write_text(cfg.to_yaml())
         trainer = Trainer(cfg, log=lambda *_: None)
         summary = trainer.fit(overwrite=True)
-        policy, task, reward = trainer.policy, trainer.task, trainer.reward
+        policy, task, reward = trainer.objective.inference_policy(trainer.policy), trainer.task, trainer.reward
         reference = trainer._reference_for_eval() or cfg.policy.create(task=task).frozen_copy()
         result["budget"] = {
             "optimizer_steps": cfg.train.steps,
@@ -172,7 +172,7 @@ def worker(spec_path: str) -> int:
         result["objective_eval"] = summary.get("eval", {})
     else:
         data = dict(spec.config)
-        data["algorithm"] = {"name": BASELINE}
+        data["algorithm"] = {"name": "sft"}
         cfg = load_config(data=data)
         (d / "config.yaml").write_text(cfg.to_yaml())
         task = cfg.task.create()
@@ -180,7 +180,6 @@ def worker(spec_path: str) -> int:
         reward = cfg.reward.create(task=task) if cfg.reward else None
         base = registry.get("policy", "hf").cls(registry.get("policy", "hf").cls.Config(init="sft"), task=task)
         reference = base.frozen_copy()
-        result["budget"] = {"optimizer_steps": 0, "batch_size": 0, **getattr(policy, "counters", {})}
         result["train_seconds"] = 0.0
 
     prompts = task.eval_prompts()[: spec.eval_prompts]
@@ -197,6 +196,9 @@ def worker(spec_path: str) -> int:
         record["kl"] = [float(analytic())] * len(responses)
     else:
         record["kl"] = torch.cat([sequence_kl(policy, reference, ro) for ro in rollouts]).tolist()
+    if spec.kind == "policy":  # inference-time methods: their budget is the evaluation itself
+        reward_calls = getattr(policy, "counters", {}).get("reward_calls", 0)
+        result["budget"] = {"optimizer_steps": 0, "batch_size": 0, "reward_calls": reward_calls, **getattr(policy, "counters", {})}
     result["eval_seconds"] = time.time() - eval_start
     tokens = sum(int(ro.response_mask.sum()) for ro in rollouts)
     result["generate_tokens_per_second"] = tokens / max(result["eval_seconds"], 1e-9)

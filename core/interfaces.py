@@ -219,6 +219,13 @@ class Policy(Plugin, ABC):
     def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
         """Sample one response per prompt."""
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **outputs: Any) -> dict[str, torch.Tensor]:
+        """`logprobs` [B, T-1], and with `return_values=True` / `return_entropy=True` also
+        `values` [B, T] (value head) and `entropy` [B, T-1], from one forward pass."""
+        if outputs:
+            raise NotImplementedError(f"policy {self.name!r} does not provide {', '.join(outputs)}")
+        return {"logprobs": self.logprobs(input_ids, attention_mask)}
+
     @abstractmethod
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-token log-probs [B, T-1]: entry t is log pi(input_ids[:, t+1] | input_ids[:, :t+1])."""
@@ -285,6 +292,9 @@ class Objective(Plugin, ABC):
     # Whether `rlhfzoo bench` includes it by default (stages such as SFT and reward-model
     # training set this to False).
     benchmark: ClassVar[bool] = True
+    # Online objectives that compare several samples of one prompt (rejection sampling) get
+    # this many rollouts per prompt from the trainer.
+    samples_per_prompt: ClassVar[int] = 1
 
     def __init__(self, config: PluginConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -296,6 +306,11 @@ class Objective(Plugin, ABC):
     def example_kind(self) -> str:
         """Which of the task's example kinds to train on (`data_kind` unless the config says otherwise)."""
         return self.data_kind
+
+    def inference_policy(self, policy: "Policy") -> "Policy":
+        """The policy to sample from after training (ILQL decodes with its value heads); the
+        trained policy itself by default. Benchmarks evaluate this."""
+        return policy
 
     def evaluate(self, policy: "Policy", task: "Task", **context: Any) -> dict[str, float] | None:
         """Held-out figures for this objective's output, where sampling from the policy is not the

@@ -19,24 +19,28 @@ import torch
 # ------------------------------------------------------------------------------ masked statistics
 
 
+def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask is set, else 0 (a where, not a product: NaN/inf off the mask never leak in)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    return apply_mask(x, mask).sum() if dim is None else apply_mask(x, mask).sum(dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `x` over the entries where `mask` is 1 (over `dim`, or everything); 0 where none are."""
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return apply_mask(x, mask).sum() / mask.sum().clamp(min=1)
+    return apply_mask(x, mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of the masked entries of `x` (Bessel-corrected unless `unbiased=False`)."""
     mask = mask.to(x.dtype)
     n = mask.sum()
-    centred = (x - masked_mean(x, mask)) * mask
+    centred = apply_mask(x - masked_mean(x, mask), mask)
     var = (centred**2).sum() / n.clamp(min=1)
     if unbiased:
         var = var * n / (n - 1).clamp(min=1)
@@ -49,7 +53,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask.to(x.dtype)
+    return apply_mask(whitened, mask)
 
 
 # ------------------------------------------------------------------------------ advantages
@@ -68,7 +72,7 @@ def gae(
     so left padding, right padding or holes do not break it. Off the mask both outputs are 0.
     """
     mask = mask.to(values.dtype)
-    rewards, values = rewards * mask, values * mask
+    rewards, values = apply_mask(rewards, mask), apply_mask(values, mask)
     B, T = values.shape
     advantages = torch.zeros_like(values)
     next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
@@ -81,7 +85,7 @@ def gae(
         # Only a valid step becomes "the next step" of the ones before it.
         next_value = torch.where(m > 0, values[:, t], next_value)
         next_adv = torch.where(m > 0, adv, next_adv)
-    returns = (advantages + values) * mask
+    returns = apply_mask(advantages + values, mask)
     return advantages, returns
 
 

@@ -49,6 +49,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "rlhfzoo.plugins.a2c",
     "rlhfzoo.plugins.rejection_sampling",
     "rlhfzoo.plugins.best_of_n",
+    "rlhfzoo.plugins.ilql",
 )
 
 

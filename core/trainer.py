@@ -247,7 +247,9 @@ class Trainer:
         return self._backward_and_step(self._micro_batches(self._rows_of_step(step)), step)
 
     def _online_step(self, step: int) -> dict[str, float]:
-        prompts = [str(self.data[i]) for i in self._rows_of_step(step)]
+        # Objectives that compare several samples of a prompt (rejection sampling) ask for k of each.
+        k = int(getattr(self.objective, "samples_per_prompt", 1))
+        prompts = [str(self.data[i]) for i in self._rows_of_step(step) for _ in range(k)]
         self.policy.model.eval()
         rollout = self.policy.generate(prompts)
         rewards = self.reward.score(rollout.prompts, rollout.responses).float()
@@ -404,7 +406,14 @@ class Trainer:
         summary: dict[str, Any] = {"finished": True, "step": self.step, "train_seconds": seconds}
         if acc.is_main_process:
             self.policy.model.eval()
-            own = self.objective.evaluate(self.policy, self.task, reward=self.reward, seed=self.train.seed)
+            own = (
+                self.objective.evaluate(
+                    self.policy, self.task, reward=self.reward, seed=self.train.seed, n_prompts=self.train.eval_prompts,
+                    reference=self._reference_for_eval(), output_dir=str(self.out),
+                )
+                if self.train.eval_prompts
+                else None
+            )
             if own is not None:
                 summary["eval"] = own
             elif self.train.eval_prompts:

@@ -90,7 +90,9 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 def implementation(backend: str, x: torch.Tensor) -> ModuleType:
     """Module implementing the row primitives (``stats_fwd`` ...) for ``backend``."""
     if backend == "triton":
-        return triton_module(interpret=not x.is_cuda)
+        # CPU tensors can only run interpreted; TRITON_INTERPRET=1 in the
+        # environment means the user wants the interpreter everywhere.
+        return triton_module(interpret=not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
     if backend == "torch":
         from . import _torch_impl
 

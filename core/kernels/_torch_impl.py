@@ -20,10 +20,14 @@ Rows are spread over single-threaded workers (``_threads.run_rows``); each
 worker walks its rows in chunks of ``rows_per_chunk`` rows with its own fp32
 scratch tile.
 
-Shift-free fast path: ``log sum exp z`` is normally computed as
-``m + log sum exp(z - m)`` with ``m = max z``.  When ``T == 1`` and every row
-maximum of a chunk lies in ``[-60, 80 - log V]``, ``sum exp(z)`` can neither
-overflow nor lose precision in fp32, so the subtraction pass is skipped.
+Shift-free fast path (log-probs): ``log sum exp z`` is normally computed as
+``m + log sum exp(z - m)`` with ``m = max z``, which costs a separate max
+pass.  Without the shift, ``s = sum exp z`` is exact to rounding whenever it
+comes out finite and not tiny (``exp`` overflows to ``inf`` instead of
+silently losing accuracy, and terms below the underflow threshold are
+negligible next to ``s >= 1e-20``).  So each chunk first tries the unshifted
+sum and only rows whose ``s`` is ``inf``/``nan``/tiny (logits beyond ~88 or
+all far below 0) are redone with the max shift.
 """
 from __future__ import annotations
 
@@ -31,12 +35,12 @@ import math
 
 import torch
 
-from ._threads import run_rows
+from ._threads import run_rows, scratch
 
 # Bytes of fp32 scratch per chunk: a chunk of input rows plus its fp32 copy
 # should stay in the per-core L2 cache on CPU.  On GPUs (torch fallback when
 # Triton is missing) large chunks keep the kernel count down.
-CPU_CHUNK_BYTES = 2 << 20
+CPU_CHUNK_BYTES = 1 << 20
 GPU_CHUNK_BYTES = 256 << 20
 
 
@@ -57,44 +61,55 @@ def stats_fwd(x, tgt, inv_temp, ignore_index, lp_out, lse_out, ent_out):
         return
     acc = lse_out.dtype
     upcast = x.dtype != acc
-    # Fast path bounds (see module docstring); fp64 never needs it.
-    lo, hi = -60.0, 80.0 - math.log(V)
-    shift_free_ok = inv_temp == 1.0 and ent_out is None and acc == torch.float32
+    tiny = 1e-20 if acc == torch.float32 else 1e-200
     ssum = torch.empty(R, dtype=acc, device=x.device)  # sum of exp(z - shift)
-    shift = lse_out  # holds the per-row shift until the final combine
+    shift = lse_out  # per-row shift (0 on the fast path) until the final combine
+    if ent_out is None:
+        shift.zero_()
+
+    def shifted(src, b, j):
+        """b = exp(z - max z) for the rows j; returns nothing, fills shift/ssum/ent."""
+        m = shift[j]
+        torch.amax(src, dim=-1, out=m)
+        m.mul_(inv_temp)
+        torch.add(m.neg().unsqueeze(1), src, alpha=inv_temp, out=b)  # z - max(z)
+        if ent_out is None:
+            b.exp_()
+            torch.sum(b, dim=-1, out=ssum[j])
+        else:
+            e = torch.exp(b)
+            torch.sum(e, dim=-1, out=ssum[j])
+            b.mul_(e)  # e * (z - m)
+            torch.sum(b, dim=-1, out=ent_out[j])
 
     def work(r0, r1):
         C = rows_per_chunk(V, x.device, r1 - r0)
-        buf = torch.empty(C, V, dtype=acc, device=x.device)
+        buf = scratch(C, V, acc, x.device)
         for i in range(r0, r1, C):
             j = slice(i, min(i + C, r1))
             c = x[j]
             b = buf[: c.shape[0]]
-            m = shift[j]
             if upcast:
                 b.copy_(c)  # chunked upcast: bf16/fp16 -> fp32 in cache
                 src = b
             else:
                 src = c
-            torch.amax(src, dim=-1, out=m)
-            if shift_free_ok:
-                mn, mx = torch.aminmax(m)
-                if lo <= mn.item() and mx.item() <= hi:
-                    torch.exp(src, out=b)
-                    torch.sum(b, dim=-1, out=ssum[j])
-                    m.zero_()
-                    continue
-            m.mul_(inv_temp)
-            # b = z - max(z) in one pass:  -m + inv_temp * x
-            torch.add(m.neg().unsqueeze(1), src, alpha=inv_temp, out=b)
-            if ent_out is None:
-                b.exp_()
-                torch.sum(b, dim=-1, out=ssum[j])
+            if ent_out is not None:
+                shifted(src, b, j)
+                continue
+            # shift-free attempt: s = sum exp(x / T)
+            if inv_temp == 1.0:
+                torch.exp(src, out=b)
             else:
-                e = torch.exp(b)
-                torch.sum(e, dim=-1, out=ssum[j])
-                b.mul_(e)  # e * (z - m)
-                torch.sum(b, dim=-1, out=ent_out[j])
+                torch.mul(src, inv_temp, out=b).exp_()
+            torch.sum(b, dim=-1, out=ssum[j])
+        if ent_out is None:
+            # rare: rows whose unshifted sum overflowed/underflowed get the max shift
+            for k, v in enumerate(ssum[r0:r1].tolist()):
+                if not tiny <= v < math.inf:
+                    row = slice(r0 + k, r0 + k + 1)
+                    src = x[row].to(acc) if upcast else x[row]
+                    shifted(src, buf[:1], row)
 
     run_rows(R, R * V, x.device, work)
     logs = ssum.log()
@@ -132,13 +147,18 @@ def stats_bwd(x, tgt, lse, ent, g_lp, g_ent, inv_temp, ignore_index, dx_out):
 
     def work(r0, r1):
         C = rows_per_chunk(V, x.device, r1 - r0)
-        buf = None if direct else torch.empty(C, V, dtype=acc, device=x.device)
+        buf = None if direct else scratch(C, V, acc, x.device)
         for i in range(r0, r1, C):
             j = slice(i, min(i + C, r1))
             c = x[j]
             d = dx_out[j]
-            b = d if direct else buf[: c.shape[0]]
-            torch.add(neg_lse[j], c, alpha=inv_temp, out=b)  # log p
+            if direct:
+                b = d
+                torch.add(neg_lse[j], c, alpha=inv_temp, out=b)  # log p
+            else:
+                b = buf[: c.shape[0]]
+                b.copy_(c)  # upcast in cache (a mixed-dtype add would allocate)
+                torch.add(neg_lse[j], b, alpha=inv_temp, out=b)  # log p
             if g_ent is None:
                 b.exp_().mul_(neg_gl[j])  # -p * g / T
             else:

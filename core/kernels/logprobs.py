@@ -28,7 +28,6 @@ class _TokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, want_lp, want_ent, impl):
-        V = logits.shape[-1]
         lead = logits.shape[:-1]
         acc = acc_dtype(logits.dtype)
         N = lead.numel()
@@ -61,9 +60,9 @@ class _TokenStats(torch.autograd.Function):
         it = iter(grads)
         g_lp = next(it) if flat_t is not None else None
         g_ent = next(it) if ent is not None else None
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if g_lp is None and g_ent is None:
-            return grad.zero_(), None, None, None, None, None, None
+            return None, None, None, None, None, None, None
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         g_lp = g_lp.reshape(-1) if g_lp is not None else None
         g_ent = g_ent.reshape(-1) if g_ent is not None else None
         grad2d = grad.view(-1, logits.shape[-1]) if logits.dim() > 1 else grad.view(1, -1)

@@ -1,0 +1,227 @@
+"""Best-of-N sampling as a policy (registered as `best-of-n`): no training, a baseline and an
+inference-time method (Nakano et al. 2021, WebGPT, arXiv:2112.09332; Gao et al. 2022, arXiv:2210.10760).
+
+For every prompt, the base policy samples N responses, the reward source scores them, and the
+highest-scoring one is returned:
+
+    y* = argmax_{y_1..y_N ~ pi_base(.|x)} r(x, y_i)
+
+Its KL to the base policy is log N - (N - 1) / N (for distinct samples; Stiennon et al. 2020,
+Gao et al. 2022).
+The returned rollout's `logprobs` are the base policy's log-probs of the winning tokens (not the
+log-probs of the best-of-N distribution); `logprobs`, `save` and `load_weights` delegate to the base.
+
+    policy: {name: best-of-n, n: 16, base: {name: hf, init: sft}, reward: {name: gold}}
+
+Evaluate it like any policy (`rlhfzoo.evaluation.evaluate(policy, task, ...)`), or from a YAML
+file with `task` and `policy` sections (see configs/best_of_n.yaml):
+
+    python -m rlhfzoo.plugins.best_of_n configs/best_of_n.yaml [n_prompts] [seed]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+import torch
+from pydantic import Field, ValidationError, field_validator
+
+from rlhfzoo import hookimpl
+from rlhfzoo.interfaces import PluginConfig, Policy, RewardSource, Rollout
+
+
+def _section(value: Any, what: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        raise ValueError(f"{what} must be a mapping with a `name` (e.g. {{name: hf, init: sft}}), got {value!r}")
+    return dict(value)
+
+
+class BestOfNConfig(PluginConfig):
+    n: int = Field(16, ge=1, description="N: responses sampled per prompt; the highest-scoring one is returned.")
+    base: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "hf", "init": "sft"},
+        description="The policy that samples the candidates: a policy section, `{name: ..., <its options>}`.",
+    )
+    reward: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "gold"},
+        description="The reward source that picks the best candidate: a reward section, `{name: ..., <its options>}`.",
+    )
+    chunk_size: int = Field(1024, ge=1, description="Most candidates generated per call of the base policy (rounded to whole prompts).")
+
+    @field_validator("base")
+    @classmethod
+    def _check_base(cls, v):
+        return _section(v, "best-of-n `base`")
+
+    @field_validator("reward")
+    @classmethod
+    def _check_reward(cls, v):
+        return _section(v, "best-of-n `reward`")
+
+
+def build_plugin(kind: str, section: dict[str, Any], where: str, **kwargs: Any) -> Any:
+    """Instantiate a registered plugin from `{name: ..., options}`, with a validated config."""
+    from rlhfzoo.registry import registry
+
+    options = dict(section)
+    name = options.pop("name")
+    entry = registry.get(kind, name)
+    try:
+        config = entry.cls.Config(**options)
+    except ValidationError as e:
+        problems = "; ".join(f"{where}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"invalid {kind.replace('_', ' ')} config for {name!r}: {problems}") from None
+    return entry.cls(config, **kwargs)
+
+
+def concat_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """One rollout from several of different widths: prompts re-left-padded, responses re-right-padded."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    parts = []
+    for ro in rollouts:
+        width = ro.sequences.shape[1]
+        has_response = ro.response_mask.bool().any(0).nonzero()
+        start = int(has_response[0]) if len(has_response) else width  # first generated column
+        lp = torch.cat([torch.zeros_like(ro.logprobs[:, :1]), ro.logprobs], 1)  # align with tokens
+        parts.append((ro, start, width - start, lp))
+    P = max(p[1] for p in parts)
+    R = max(p[2] for p in parts)
+
+    def place(t: torch.Tensor, start: int, fill) -> torch.Tensor:
+        left = torch.full((t.shape[0], P - start), fill, dtype=t.dtype)
+        right = torch.full((t.shape[0], R - (t.shape[1] - start)), fill, dtype=t.dtype)
+        return torch.cat([left, t, right], 1)
+
+    seqs, attn, resp, lps = [], [], [], []
+    for ro, start, _, lp in parts:
+        seqs.append(place(ro.sequences, start, pad_id))
+        attn.append(place(ro.attention_mask, start, 0))
+        resp.append(place(ro.response_mask, start, 0))
+        lps.append(place(lp, start, 0.0))
+    return Rollout(
+        torch.cat(seqs), torch.cat(attn), torch.cat(resp), torch.cat(lps)[:, 1:],
+        [p for ro in rollouts for p in ro.prompts], [r for ro in rollouts for r in ro.responses],
+        torch.cat([ro.finished for ro in rollouts]),
+    )
+
+
+class BestOfN(Policy):
+    name = "best-of-n"
+    aliases = ("bon",)
+    summary = "Best-of-N sampling: N samples of a base policy per prompt, the reward source's favourite returned. No training."
+    paper = "Nakano et al. 2021, arXiv:2112.09332; Gao et al. 2022, arXiv:2210.10760"
+    Config = BestOfNConfig
+    benchmark = True  # a row of `rlhfzoo bench`, evaluated without training
+
+    def __init__(self, config: BestOfNConfig | None = None, task: Any = None, base: Policy | None = None, reward: RewardSource | None = None):
+        self.config = config or BestOfNConfig()
+        self.task = task
+        self.base: Policy = base if base is not None else build_plugin("policy", self.config.base, "policy.base", task=task)
+        self.reward: RewardSource = reward if reward is not None else build_plugin("reward_source", self.config.reward, "policy.reward", task=task)
+        self.reward_calls = 0
+        self.last_scores: torch.Tensor | None = None  # the winners' scores of the last `generate`
+
+    # The trainable parts are the base policy's.
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.base.model
+
+    @model.setter
+    def model(self, value: torch.nn.Module) -> None:
+        self.base.model = value
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.base.tokenizer
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
+        n = self.config.n
+        prompts = list(prompts)
+        per_call = max(1, self.config.chunk_size // n)  # whole prompts per base call
+        winners, scores_out = [], []
+        for i in range(0, len(prompts), per_call):
+            chunk = prompts[i : i + per_call]
+            ro = self.base.generate([p for p in chunk for _ in range(n)], **sampling)
+            scores = self.reward.score(ro.prompts, ro.responses).float().cpu()
+            self.reward_calls += len(ro.responses)
+            ranked = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -math.inf)).view(-1, n)
+            best = ranked.argmax(-1)  # first of the best on ties; all non-finite -> the first sample
+            rows = torch.arange(len(chunk)) * n + best
+            winners.append(Rollout(
+                ro.sequences[rows], ro.attention_mask[rows], ro.response_mask[rows], ro.logprobs[rows],
+                chunk, [ro.responses[r] for r in rows.tolist()], ro.finished[rows],
+            ))
+            scores_out.append(scores[rows])
+        self.last_scores = torch.cat(scores_out) if scores_out else torch.zeros(0)
+        if not winners:
+            return self.base.generate([], **sampling)
+        return concat_rollouts(winners, self.tokenizer.pad_token_id)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.base.logprobs(input_ids, attention_mask)
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        return self.base.forward(input_ids, attention_mask, **kwargs)
+
+    def frozen_copy(self) -> "BestOfN":
+        return BestOfN(self.config, task=self.task, base=self.base.frozen_copy(), reward=self.reward)
+
+    def save(self, path: str) -> None:
+        self.base.save(path)
+        with open(os.path.join(path, "best_of_n.json"), "w") as f:
+            json.dump({"policy": self.name, "config": self.config.model_dump(mode="json")}, f, indent=1)
+
+    def load_weights(self, path: str) -> None:
+        self.base.load_weights(path)
+
+    def save_weights(self, file: str) -> None:
+        self.base.save_weights(file)
+
+    @property
+    def counters(self) -> dict[str, float]:
+        """Work done (the base policy's token counters) plus the reward calls made choosing."""
+        return {**getattr(self.base, "counters", {}), "reward_calls": float(self.reward_calls)}
+
+    def analytic_kl(self) -> float:
+        """KL(best-of-N || base) = log N - (N - 1) / N (exact for continuous rewards without ties)."""
+        n = self.config.n
+        return math.log(n) - (n - 1) / n
+
+
+def evaluate_config(data: dict[str, Any] | str, n_prompts: int | None = None, seed: int | None = None) -> dict[str, float]:
+    """Build `task` and `policy` (and optionally `reward`: the proxy reported beside gold) from a
+    mapping or YAML file and run `rlhfzoo.evaluation.evaluate` on the task's held-out prompts."""
+    import yaml
+
+    from rlhfzoo.evaluation import evaluate
+
+    if isinstance(data, (str, os.PathLike)):
+        with open(data) as f:
+            data = yaml.safe_load(f)
+    task = build_plugin("task", _section(data.get("task"), "task"), "task")
+    policy = build_plugin("policy", _section(data.get("policy"), "policy"), "policy", task=task)
+    reward = build_plugin("reward_source", _section(data["reward"], "reward"), "reward", task=task) if data.get("reward") else None
+    ev = data.get("evaluate", {}) or {}
+    n_prompts = n_prompts if n_prompts is not None else int(ev.get("n_prompts", 200))
+    seed = seed if seed is not None else int(ev.get("seed", 0))
+    return evaluate(policy, task, reward=reward, n_prompts=n_prompts, seed=seed)
+
+
+@hookimpl
+def register_policies(register):
+    register(BestOfN)
+
+
+if __name__ == "__main__":  # python -m rlhfzoo.plugins.best_of_n configs/best_of_n.yaml [n_prompts] [seed]
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m rlhfzoo.plugins.best_of_n CONFIG.yaml [n_prompts] [seed]")
+    result = evaluate_config(sys.argv[1], *(int(a) for a in sys.argv[2:4]))
+    print(json.dumps(result, indent=1))

@@ -1,0 +1,585 @@
+"""Implicit Language Q-Learning (ILQL; Snell, Kostrikov, Su, Yang & Levine 2022, arXiv:2206.11871).
+
+Offline RL on (prompt, response, reward) triples. Heads on the policy's last hidden states h_t:
+
+    Q1, Q2 : h -> R^V        token-level action values Q(s, .) (two, for the clipped double-Q target)
+    Q1', Q2': Polyak-averaged target copies (no gradient)
+    V      : h -> R          state value
+
+For a response token a_t taken in state s_t (the prefix before it), with next state s_{t+1}:
+
+    L_Q   = sum_j E[(r_t + gamma * V(s_{t+1}) - Q_j(s_t, a_t))^2]     V(s_{t+1}) detached; the paper's L_Q
+            r_t = R on the last response token (EOS), else 0;  V(terminal) = 0
+    L_V   = E[L2_tau(min_j Q'_j(s_t, a_t) - V(s_t))]                  expectile regression; the paper's L_V
+            L2_tau(u) = |tau - 1(u < 0)| * u^2
+    L_CQL = sum_j E[logsumexp_a Q_j(s_t, a) - Q_j(s_t, a_t)]          conservative (CQL) term on Q
+    L_NLL = E[-log pi(a_t | s_t)]                                     AWAC / behaviour-cloning term on the LM
+
+    L = q_weight L_Q + v_weight L_V + cql_weight L_CQL + awac_weight L_NLL
+
+(expectations are means over the micro-batch's response tokens). Decoding (the paper's
+perturbed policy) samples from
+
+    log pi(a|s) + beta * (min_j Q'_j(s, a) - V(s))
+
+with the `ilql` policy plugin below; beta = 0 is the base LM. The targets are updated after each
+optimizer step, theta' <- (1 - alpha) theta' + alpha theta (`after_iteration`, which the trainer
+calls once per offline step, after the optimizer step).
+
+The heads are attached to the policy's module as `policy.module.ilql_heads` before the optimizer
+is built, so they are trained, checkpointed (`policy.save_weights`) and copied with it; the final
+`policy.save(dir)` also writes `ilql_heads.safetensors` + `ilql_heads.json` beside the LM, which
+`{name: ilql, path: <run>/policy}` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from rlhfzoo import hookimpl, kernels
+from rlhfzoo.data.collate import pad, prompt_ids
+from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, RewardedExample, Rollout
+from rlhfzoo.policy import HFPolicy, HFPolicyConfig
+
+HEADS_FILE = "ilql_heads.safetensors"
+HEADS_META = "ilql_heads.json"
+
+
+# ------------------------------------------------------------------------------------ pure pieces
+
+
+def expectile_loss(diff: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-element expectile loss |tau - 1(diff < 0)| * diff^2 (IQL/ILQL L2_tau); tau = 0.5 is half the squared error."""
+    weight = torch.where(diff < 0, 1.0 - tau, tau).to(diff.dtype)
+    return weight * diff.pow(2)
+
+
+@torch.no_grad()
+def polyak_update(target: torch.nn.Module, online: torch.nn.Module, rate: float) -> None:
+    """target <- (1 - rate) * target + rate * online, parameter by parameter (rate = 1: copy)."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.lerp_(o.detach().to(t.dtype), rate)
+
+
+def _mlp(hidden: int, out: int, width: int) -> torch.nn.Module:
+    if width == 0:
+        return torch.nn.Linear(hidden, out)
+    return torch.nn.Sequential(torch.nn.Linear(hidden, width), torch.nn.ReLU(), torch.nn.Linear(width, out))
+
+
+class ILQLHeads(torch.nn.Module):
+    """Two Q heads (vocabulary-sized), their target copies and a V head, on hidden size `hidden`."""
+
+    def __init__(self, hidden: int, vocab: int, width: int = 0, two_q: bool = True):
+        super().__init__()
+        self.meta = {"hidden": hidden, "vocab": vocab, "width": width, "two_q": two_q}
+        n = 2 if two_q else 1
+        self.q = torch.nn.ModuleList([_mlp(hidden, vocab, width) for _ in range(n)])
+        self.v = _mlp(hidden, 1, width)
+        # Zero output layers: Q = V = 0 at the start, so the decoder begins as the base LM whatever beta.
+        for m in (*self.q, self.v):
+            last = m if isinstance(m, torch.nn.Linear) else m[-1]
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
+        self.target_q = copy.deepcopy(self.q)
+        self.target_q.requires_grad_(False)
+
+    def qs(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [q(h) for q in self.q]
+
+    def target(self, h: torch.Tensor) -> torch.Tensor:
+        """min_j Q'_j(h, .)  [..., V] (no gradient)."""
+        with torch.no_grad():
+            out = self.target_q[0](h)
+            for q in self.target_q[1:]:
+                out = torch.minimum(out, q(h))
+        return out
+
+    def value(self, h: torch.Tensor) -> torch.Tensor:
+        return self.v(h).squeeze(-1)
+
+    def advantage(self, h: torch.Tensor) -> torch.Tensor:
+        """min_j Q'_j(h, .) - V(h): [..., V], the decoding perturbation."""
+        return self.target(h) - self.value(h).unsqueeze(-1)
+
+    @torch.no_grad()
+    def update_targets(self, rate: float) -> None:
+        polyak_update(self.target_q, self.q, rate)
+
+
+def ilql_terms(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    heads: ILQLHeads,
+    lm_weight: torch.Tensor | None = None,
+    lm_bias: torch.Tensor | None = None,
+    gamma: float = 0.99,
+    tau: float = 0.7,
+) -> dict[str, torch.Tensor]:
+    """Per-token ILQL losses over the response tokens.
+
+    hidden: [B, T, H] last hidden states of `input_ids` [B, T]; response_mask [B, T] (1 on response
+    tokens and EOS); rewards [B]. Token t + 1 is the action a taken in state s = h_t. Returns flat
+    [N] tensors over the N response actions (`q`, `v`, `cql`, `nll` when `lm_weight` is given) and
+    `rows` [N] (the batch row of each action). Prompt and padding positions never enter.
+    """
+    act = response_mask[:, 1:].bool()  # [B, T-1]: action at t+1 is a response token
+    B, T1 = act.shape
+    # Last action of each row: terminal (V(s_{T}) = 0) and where the sequence reward is paid.
+    pos = torch.arange(T1, device=act.device).expand(B, T1)
+    last = torch.where(act, pos, torch.full_like(pos, -1)).max(-1).values  # [B]
+    is_last = (pos == last[:, None]) & act
+
+    rows = torch.arange(B, device=act.device)[:, None].expand(B, T1)[act]
+    h_s = hidden[:, :-1][act]  # [N, H] states
+    h_next = hidden[:, 1:][act]  # [N, H] next states
+    a = input_ids[:, 1:][act]  # [N]
+    done = is_last[act].to(hidden.dtype)
+    r = (rewards.to(hidden.dtype)[:, None] * is_last.to(hidden.dtype))[act]
+
+    v_s = heads.value(h_s)  # [N]
+    with torch.no_grad():
+        v_next = heads.value(h_next) * (1.0 - done)
+        q_target = heads.target(h_s).gather(-1, a[:, None]).squeeze(-1)  # min_j Q'_j(s, a)
+    y = r + gamma * v_next  # Bellman target, L_Q
+
+    q_loss = torch.zeros_like(v_s)
+    cql = torch.zeros_like(v_s)
+    q_sa_all = []
+    for q_all in heads.qs(h_s):  # [N, V]
+        q_sa = q_all.gather(-1, a[:, None]).squeeze(-1)
+        q_sa_all.append(q_sa)
+        q_loss = q_loss + (q_sa - y).pow(2)  # L_Q (Bellman error)
+        cql = cql + torch.logsumexp(q_all, -1) - q_sa  # L_CQL (cross-entropy of Q as logits)
+    v_loss = expectile_loss(q_target - v_s, tau)  # L_V (expectile regression to the target Q)
+    out = {"q": q_loss, "v": v_loss, "cql": cql, "rows": rows, "q_sa": torch.stack(q_sa_all).mean(0), "v_s": v_s}
+    if lm_weight is not None:
+        out["nll"] = -kernels.linear_logprobs(h_s, lm_weight, a, bias=lm_bias)  # AWAC / BC term
+    return out
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def load_rewarded_jsonl(path: str | os.PathLike) -> list[RewardedExample]:
+    """(prompt, response, reward) rows of a JSONL file as `RewardedExample`s; errors name the line."""
+    from rlhfzoo.data.jsonl import DataError, check_fields, read_jsonl
+
+    out: list[RewardedExample] = []
+    source = str(path)
+    for line, row in read_jsonl(path):
+        where = f"{source}, line {line}"
+        check_fields(row, required=("prompt", "response", "reward"), text_fields=("prompt", "response"), where=where, source=source, line=line)
+        reward = row["reward"]
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+            raise DataError(f"{where}: field 'reward' must be a number but is {reward!r}; fix the row.", source, line)
+        if not math.isfinite(reward):
+            raise DataError(f"{where}: field 'reward' is {reward!r}; rewards must be finite numbers.", source, line)
+        out.append(RewardedExample(row["prompt"], row["response"], float(reward)))
+    if not out:
+        raise DataError(f"{source}: no rows; ILQL needs (prompt, response, reward) rows.", source)
+    return out
+
+
+def check_rewarded(data: Sequence[Any]) -> None:
+    """Fail early, naming the dataset row, on examples ILQL cannot learn from."""
+    for i, e in enumerate(data):
+        if not isinstance(e, RewardedExample):
+            raise ValueError(
+                f"ilql: dataset row {i} is a {type(e).__name__}, not a RewardedExample; ILQL needs (prompt, response, reward) data "
+                "(data kind 'rewarded')"
+            )
+        if e.reward is None or not math.isfinite(float(e.reward)):
+            raise ValueError(f"ilql: dataset row {i} has reward {e.reward!r}; rewards must be finite numbers (prompt {e.prompt[:60]!r})")
+
+
+# ------------------------------------------------------------------------------------ heads <-> policy
+
+
+def _hidden_size(lm: torch.nn.Module) -> int:
+    c = lm.config
+    return c.hidden_size if hasattr(c, "hidden_size") else c.n_embd
+
+
+def _vocab_size(lm: torch.nn.Module) -> int:
+    return lm.get_output_embeddings().weight.shape[0]
+
+
+def heads_of(policy: Any) -> ILQLHeads | None:
+    return getattr(policy.module, "ilql_heads", None)
+
+
+def save_heads(heads: ILQLHeads, path: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, os.path.join(path, HEADS_FILE))
+    Path(path, HEADS_META).write_text(json.dumps(heads.meta))
+
+
+def load_heads(path: str | os.PathLike) -> ILQLHeads:
+    from safetensors.torch import load_file
+
+    meta_file, file = Path(path, HEADS_META), Path(path, HEADS_FILE)
+    if not file.exists() or not meta_file.exists():
+        raise ValueError(f"ilql policy: {path} has no {HEADS_FILE} / {HEADS_META}; give the `policy/` directory of a run trained with algorithm ilql")
+    heads = ILQLHeads(**json.loads(meta_file.read_text()))
+    heads.load_state_dict(load_file(str(file)))
+    return heads
+
+
+def _hidden(module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return module.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+
+# ------------------------------------------------------------------------------------ the objective
+
+
+class ILQLConfig(PluginConfig):
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount gamma of the token-level Bellman target r + gamma * V(s').")
+    tau: float = Field(0.7, gt=0, lt=1, description="Expectile tau of the V regression towards min target Q (0.5: mean; -> 1: max).")
+    q_weight: float = Field(1.0, ge=0, description="Weight of the Bellman error L_Q.")
+    v_weight: float = Field(1.0, ge=0, description="Weight of the expectile value loss L_V.")
+    cql_weight: float = Field(0.1, ge=0, description="Weight alpha of the conservative term logsumexp Q - Q(a) (CQL).")
+    awac_weight: float = Field(
+        0.0, ge=0, description="Weight of the AWAC/behaviour-cloning NLL of the LM on the data (the paper: 1, with "
+        "detach_trunk: false; 0 here keeps the LM the starting policy, which did better on the embedded task's budget)."
+    )
+    target_update_rate: float = Field(
+        0.05, gt=0, le=1, description="Polyak rate alpha of the target Q heads after each optimizer step: Q' <- (1-alpha) Q' + alpha Q."
+    )
+    two_q: bool = Field(True, description="Two Q heads and the min of their targets (clipped double Q); false: one.")
+    head_width: int = Field(
+        0, ge=0, description="Hidden width of the heads' 2-layer MLP (0: a linear layer on the LM's hidden state)."
+    )
+    detach_trunk: bool = Field(
+        True, description="Train the heads on detached hidden states (the LM then learns only from the NLL term); "
+        "false: the Q/V/CQL gradients also train the LM, as in the paper."
+    )
+    beta: float = Field(1.0, ge=0, description="Decoding: advantage weight beta in log pi + beta (Q - V) for the final evaluation.")
+    top_k: int = Field(0, ge=0, description="Decoding: sample among the k highest-scoring tokens (0: all).")
+    eval_prompts: int = Field(
+        200, ge=0, description="Held-out prompts of the final ILQL-decoded evaluation when the trainer does not pass a count (0: none)."
+    )
+
+
+class ILQL(Objective):
+    name = "ilql"
+    summary = "Implicit Language Q-Learning: offline Q/V heads (Bellman + expectile + CQL) on rewarded data; decode log pi + beta (Q - V)."
+    paper = "Snell et al. 2022, arXiv:2206.11871"
+    status = "experimental"
+    data_kind = "rewarded"
+    Config = ILQLConfig
+    train_defaults = {"steps": 100, "batch_size": 32, "lr": 3e-3}
+
+    def __init__(self, config: ILQLConfig | None = None):
+        super().__init__(config)
+        self._heads: ILQLHeads | None = None
+        self.target_updates = 0
+
+    # ---------------------------------------------------------------------------- set-up
+    def attach(self, policy: Any) -> ILQLHeads:
+        """Add the heads to `policy.module` (reusing any it has) and make `policy.save` write them."""
+        heads = heads_of(policy)
+        if heads is None:
+            lm = policy.module.lm
+            heads = ILQLHeads(_hidden_size(lm), _vocab_size(lm), self.config.head_width, self.config.two_q)
+            device = next(lm.parameters()).device
+            policy.module.ilql_heads = heads.to(device)
+        if not getattr(policy, "_ilql_saves_heads", False) and not isinstance(policy, ILQLPolicy):
+            base_save = policy.save
+
+            def save(path: str, _base=base_save, _policy=policy) -> None:
+                _base(path)
+                save_heads(heads_of(_policy), path)
+
+            policy.save = save  # instance attribute: the trainer's `policy.save(dir)` writes the heads too
+            policy._ilql_saves_heads = True
+        self._heads = heads
+        return heads
+
+    def prepare(self, data, collate, reference, policy: Any = None) -> bool:
+        check_rewarded(data)
+        if policy is None:
+            policy = _caller_policy()
+        if policy is None:
+            raise RuntimeError(
+                "ilql: prepare() needs the policy to attach its Q/V heads before the optimizer is built "
+                "(call objective.attach(policy) first, or pass policy=... to prepare)"
+            )
+        self.attach(policy)
+        return True
+
+    # ---------------------------------------------------------------------------- loss
+    def loss(self, batch, policy, reference=None) -> LossOutput:
+        c = self.config
+        heads = heads_of(policy)
+        if heads is None:
+            heads = self.attach(policy)  # late attach (trainers without prepare(policy)): heads would not be optimised
+        index = batch.index.tolist()
+        if batch.rewards is None:
+            raise ValueError(f"ilql: the batch (dataset rows {index}) has no rewards; ILQL trains on the 'rewarded' data kind")
+        bad = [index[i] for i, x in enumerate(batch.rewards.tolist()) if not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"ilql: non-finite reward in dataset rows {bad}; rewards must be finite numbers")
+        seq = batch.sequences
+        n_actions = seq.response_mask[:, 1:].sum(-1)
+        empty = [index[i] for i, n in enumerate(n_actions.tolist()) if n == 0]
+        if empty:
+            raise ValueError(f"ilql: dataset rows {empty} have no response tokens after the prompt; nothing to learn from them")
+
+        module = policy.module
+        if hasattr(policy, "counters") and torch.is_grad_enabled():
+            policy.counters["train_tokens"] += int(seq.attention_mask.sum())
+        hidden = _hidden(module, seq.input_ids, seq.attention_mask)
+        head = module.lm.get_output_embeddings()
+        # The heads see detached states with detach_trunk; the NLL always trains the LM.
+        h_heads = hidden.detach() if c.detach_trunk else hidden
+        terms = ilql_terms(h_heads, seq.input_ids, seq.response_mask, batch.rewards, heads, gamma=c.gamma, tau=c.tau)
+        act = seq.response_mask[:, 1:].bool()
+        with torch.enable_grad() if c.awac_weight > 0 else torch.no_grad():  # AWAC / BC term on the LM
+            nll = -kernels.linear_logprobs(hidden[:, :-1][act], head.weight, seq.input_ids[:, 1:][act], bias=head.bias)
+        l_q, l_v, l_cql, l_nll = terms["q"].mean(), terms["v"].mean(), terms["cql"].mean(), nll.mean()
+        loss = c.q_weight * l_q + c.v_weight * l_v + c.cql_weight * l_cql + c.awac_weight * l_nll
+        metrics = {
+            "loss_q": l_q.item(),
+            "loss_v": l_v.item(),
+            "loss_cql": l_cql.item(),
+            "nll": l_nll.item(),
+            "q_mean": terms["q_sa"].mean().item(),
+            "v_mean": terms["v_s"].mean().item(),
+            "reward_mean": batch.rewards.float().mean().item(),
+        }
+        return LossOutput(loss, metrics)
+
+    def after_iteration(self, metrics: dict[str, float]) -> dict[str, float]:
+        # Called by the trainer once per offline step, after optimizer.step(): Polyak-average the targets.
+        if self._heads is not None:
+            self._heads.update_targets(self.config.target_update_rate)
+            self.target_updates += 1
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        # The target heads themselves are module parameters (checkpointed with the weights).
+        return {"target_updates": self.target_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target_updates = int(state.get("target_updates", 0))
+
+    # ---------------------------------------------------------------------------- evaluation
+    def decoder(self, policy: Any, beta: float | None = None, top_k: int | None = None) -> "ILQLPolicy":
+        return ILQLPolicy.wrap(policy, beta=self.config.beta if beta is None else beta, top_k=self.config.top_k if top_k is None else top_k)
+
+    def inference_policy(self, policy: Any) -> Any:
+        return self.decoder(policy) if heads_of(policy) is not None else policy
+
+    def evaluate(self, policy, task, **context) -> dict[str, float] | None:
+        from rlhfzoo.evaluation import evaluate
+
+        n = context.get("n_prompts", self.config.eval_prompts)
+        if not n or heads_of(policy) is None:
+            return None
+        figures = evaluate(self.decoder(policy), task, context.get("reward"), context.get("reference"), n, seed=context.get("seed", 0))
+        figures["beta"] = float(self.config.beta)
+        return figures
+
+
+def _caller_policy() -> Any:
+    """Bridge while `Objective.prepare` has no policy argument: the calling trainer's policy."""
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back
+        for _ in range(4):
+            if f is None:
+                break
+            owner = f.f_locals.get("self")
+            if owner is not None and type(owner).__name__ == "Trainer" and hasattr(owner, "policy"):
+                return owner.policy
+            f = f.f_back
+    finally:
+        del frame
+    return None
+
+
+# ------------------------------------------------------------------------------------ the decoding policy
+
+
+class ILQLPolicyConfig(HFPolicyConfig):
+    path: str | None = Field(
+        None,
+        description="A trained ILQL policy: the `policy/` directory of an ilql run (or the run directory), holding "
+        "ilql_heads.safetensors. Null: `init` gives the LM and the heads come from training with algorithm ilql.",
+    )
+    beta: float = Field(4.0, ge=0, description="Advantage weight: sample from log pi(a|s) + beta (Q(s,a) - V(s)); 0: the base LM.")
+    top_k: int = Field(0, ge=0, description="Sample among the k tokens with the highest perturbed score (0: all).")
+
+
+class ILQLPolicy(HFPolicy):
+    """The base LM perturbed by the ILQL advantage at every decoding step."""
+
+    name = "ilql"
+    aliases = ()
+    summary = "ILQL decoding: sample from log pi(a|s) + beta (min Q'(s,a) - V(s)) with a trained ILQL run's heads."
+    paper = "Snell et al. 2022, arXiv:2206.11871"
+    status = "experimental"
+    benchmark = False
+    Config = ILQLPolicyConfig
+
+    def __init__(self, config: ILQLPolicyConfig | None = None, task: Any = None, model: torch.nn.Module | None = None, tokenizer: Any = None):
+        config = config or ILQLPolicyConfig()
+        path = None
+        if config.path is not None and model is None:
+            path = Path(config.path)
+            if (path / "policy" / HEADS_FILE).exists():
+                path = path / "policy"
+            if not (path / HEADS_FILE).exists():
+                raise ValueError(
+                    f"ilql policy: no {HEADS_FILE} in {config.path}; give the `policy/` directory (or the run directory) of a run "
+                    "trained with `algorithm: {name: ilql}`"
+                )
+            config = config.model_copy(update={"init": str(path)})
+        super().__init__(config, task=task, model=model, tokenizer=tokenizer)
+        if path is not None:
+            self.module.ilql_heads = load_heads(path)
+
+    @classmethod
+    def wrap(cls, policy: HFPolicy, beta: float, top_k: int = 0) -> "ILQLPolicy":
+        """A decoding view of a trained policy (shares its module and tokenizer)."""
+        cfg = ILQLPolicyConfig(**{**policy.config.model_dump(), "beta": beta, "top_k": top_k})
+        view = cls(cfg, task=policy.task, model=policy.module, tokenizer=policy.tokenizer)
+        view.counters = policy.counters
+        return view
+
+    @property
+    def heads(self) -> ILQLHeads:
+        heads = heads_of(self)
+        if heads is None:
+            raise RuntimeError("ilql policy: no ILQL heads; set `path:` to a trained ilql run, or train with algorithm ilql")
+        return heads
+
+    def save(self, path: str) -> None:
+        super().save(path)
+        if heads_of(self) is not None:
+            save_heads(self.heads, path)
+
+    # ---------------------------------------------------------------------------- decoding
+    def _scores(self, h: torch.Tensor, cfg: ILQLPolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perturbed scores, base log-probs) [B, V] of the next token from last hidden states h [B, H]."""
+        head = self.module.lm.get_output_embeddings()
+        logits = F.linear(h, head.weight, head.bias).float()
+        logp = torch.log_softmax(logits / cfg.temperature, -1)
+        if cfg.beta == 0:
+            return logp, logp
+        return logp + cfg.beta * self.heads.advantage(h).float(), logp
+
+    @staticmethod
+    def _filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+        if top_k and top_k < scores.shape[-1]:
+            kth = scores.topk(top_k, -1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p < 1.0:
+            probs = scores.softmax(-1)
+            sorted_p, idx = probs.sort(-1, descending=True)
+            drop_sorted = sorted_p.cumsum(-1) - sorted_p >= top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        return scores
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, attn: torch.Tensor, cfg: ILQLPolicyConfig, forced: torch.Tensor | None = None):
+        """Token-by-token decoding with the base LM's KV cache from left-padded prompts.
+
+        Returns (generated tokens [B, L], per-step normalised perturbed log-probs [B, L, V]
+        when `forced` is given (teacher forcing, for tests) else None)."""
+        lm = self.module.lm
+        device = next(lm.parameters()).device
+        ids, attn = ids.to(device), attn.to(device)
+        eos, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        steps = forced.shape[1] if forced is not None else cfg.max_new_tokens
+        position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        out = lm.base_model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
+        past, h = out.past_key_values, out.last_hidden_state[:, -1]
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        tokens, dists = [], []
+        for t in range(steps):
+            scores, _ = self._scores(h, cfg)
+            scores = self._filter(scores, cfg.top_k, cfg.top_p)
+            if forced is not None:
+                dists.append(torch.log_softmax(scores, -1))
+                nxt = forced[:, t].to(device)
+            else:
+                nxt = torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+            tokens.append(nxt)
+            finished |= nxt == eos
+            if t == steps - 1 or (forced is None and bool(finished.all())):
+                break
+            pos = attn.long().sum(-1, keepdim=True)  # real tokens so far = position of the new token
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            out = lm.base_model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+            past, h = out.past_key_values, out.last_hidden_state[:, -1]
+        gen = torch.stack(tokens, 1)
+        return gen, (torch.stack(dists, 1) if forced is not None else None)
+
+    def encode_prompts(self, prompts: Sequence[str], cfg: ILQLPolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = [prompt_ids(self.tokenizer, p)[-(cfg.max_length - cfg.max_new_tokens):] for p in prompts]
+        return pad(encoded, self.tokenizer.pad_token_id, side="left"), pad([[1] * len(e) for e in encoded], 0, side="left")
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
+        cfg = self.config.model_copy(update=sampling) if sampling else self.config
+        tok = self.tokenizer
+        ids, attn = self.encode_prompts(prompts, cfg)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            gen, _ = self.decode(ids, attn, cfg)
+        finally:
+            self.module.train(was_training)
+        gen = gen.cpu()
+        is_eos = gen == tok.eos_token_id
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        resp_mask = (~after_eos).long()
+        finished = is_eos.any(-1)
+        self.counters["generated_tokens"] += int(resp_mask.sum())
+        gen = gen.masked_fill(after_eos, tok.pad_token_id)
+        sequences = torch.cat([ids, gen], dim=1)
+        attention_mask = torch.cat([attn, resp_mask], dim=1)
+        response_mask = torch.cat([torch.zeros_like(attn), resp_mask], dim=1)
+        responses = [
+            tok.decode(row[m.bool() & (row != tok.eos_token_id)].tolist(), skip_special_tokens=True).strip()
+            for row, m in zip(gen, resp_mask)
+        ]
+        # Log-probs of the base LM (the policy the heads perturb), e.g. for KL to a reference.
+        device = next(self.module.parameters()).device
+        lp = self.logprobs(sequences.to(device), attention_mask.to(device)).float().cpu() * response_mask[:, 1:]
+        return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
+
+    def frozen_copy(self) -> "ILQLPolicy":
+        module = copy.deepcopy(self.module)
+        module.requires_grad_(False)
+        module.eval()
+        return ILQLPolicy(self.config, task=self.task, model=module, tokenizer=self.tokenizer)
+
+
+@hookimpl
+def register_objectives(register):
+    register(ILQL)
+
+
+@hookimpl
+def register_policies(register):
+    register(ILQLPolicy)

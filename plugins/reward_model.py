@@ -1,0 +1,320 @@
+"""Reward models: training them (`bradley-terry`, `reward-regression`) and scoring with them
+(`reward-model` reward source).
+
+Pairwise classifier (InstructGPT, arXiv:2203.02155, Eq. 1), a scalar head r(x, y) on a causal LM:
+
+    L = - E_(x, y_w, y_l) [ log sigma(r(x, y_w) - r(x, y_l)) ]
+
+* Margin (Llama 2, arXiv:2307.09288, Eq. 2): L = -log sigma(r_w - r_l - m(label)), with
+  m = margin_scale * PreferencePair.margin (the task's "significantly / slightly / negligibly
+  better" label as a number): clearly separated pairs must be separated by more.
+* K-wise rankings (InstructGPT Sec. 3.5): a ranking of K responses is expanded to its C(K, 2)
+  pairs (task kind `rankings`, pairs share `group`); each pair is weighted 1/C(K, 2) so that
+  every prompt counts once, whatever its K (the loss is the weighted mean over the batch).
+* Prompt-aware utilities (Song et al. 2023, "Reward collapse in aligning large language
+  models", arXiv:2305.17608): with rewards squashed to [0, 1], R = sigmoid(r), maximise
+  U(R_w - R_l) for a concave increasing utility U,
+
+      log-sigmoid: U(x) = log sigmoid(x / sigma)
+      power:       U(x) = x^gamma,       0 < gamma <= 1
+      neg-power:   U(x) = -x^(-gamma),   gamma > 0
+
+  whose optimal reward distributions differ (U = log sigmoid collapses every prompt to the same
+  distribution; the power utilities spread or polarise the rewards), so a prompt's utility
+  sets how its rewards are spread. The two power utilities are defined for x > 0 only; below
+  `utility_eps` they are continued by their tangent line at eps, which keeps U concave and
+  increasing and gives a misordered pair (x <= 0) a finite gradient.
+
+Regression value network (`reward-regression`): the same architecture trained on scalar
+ratings (task kind `rewarded`) with L = E (r(x, y) - rating)^2.
+
+Both write a policy directory with the scalar head (`value_head.safetensors`), read by the
+`reward-model` source; `rlhfzoo.reward_models.reward_model_path(task)` is the task's cached
+default reward model. Evaluation (in the run's summary.json): held-out pairwise accuracy,
+BT log-loss, calibration (ECE of sigma(r_w - r_l)), mean within-prompt reward std.
+
+Architecture choice: an RM objective sets `needs_value_head`, so with the plain `hf` policy the
+trainer adds the scalar head; no separate reward-model policy class is needed, and the saved
+directory is an ordinary `hf` policy that also loads as a reward model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from rlhfzoo import hookimpl
+from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, RewardSource
+from rlhfzoo.plugins._preference import concat, identical
+from rlhfzoo.reward_models import RewardModel, evaluate_reward_model, reward_model_path, sequence_rewards
+
+Utility = Literal["none", "log-sigmoid", "power", "neg-power"]
+
+# ------------------------------------------------------------------------------ pure losses
+
+
+def utility(x: torch.Tensor, kind: Utility, sigma: float = 0.1, gamma: float = 0.5, eps: float = 0.01) -> torch.Tensor:
+    """Song et al. (arXiv:2305.17608) utility U(x) of a difference x of rewards in [0, 1].
+
+    The power utilities are continued below `eps` by their tangent at eps:
+    U(x) = U(eps) + U'(eps) (x - eps) for x < eps.
+    """
+    if kind == "log-sigmoid":
+        return F.logsigmoid(x / sigma)
+    if kind == "power":
+        u, du = (lambda z: z**gamma), (lambda z: gamma * z ** (gamma - 1))
+    elif kind == "neg-power":
+        u, du = (lambda z: -(z ** (-gamma))), (lambda z: gamma * z ** (-gamma - 1))
+    else:
+        raise ValueError(f"unknown utility {kind!r}; choose log-sigmoid, power or neg-power")
+    e = x.new_tensor(eps)
+    return torch.where(x >= eps, u(x.clamp(min=eps)), u(e) + du(e) * (x - eps))
+
+
+def pairwise_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    utility_fn: Utility = "none",
+    sigma: float = 0.1,
+    gamma: float = 0.5,
+    eps: float = 0.01,
+) -> torch.Tensor:
+    """Per-pair reward-model loss [B] from the rewards r(x, y_w), r(x, y_l) of each pair.
+
+    none:   -log sigma(r_w - r_l - m)                        InstructGPT Eq. 1, Llama 2 Eq. 2
+    else:   -U(sigmoid(r_w) - sigmoid(r_l) - m)              Song et al. 2023 (m in [0, 1] units)
+    """
+    if utility_fn == "none":
+        d = chosen - rejected
+        return -F.logsigmoid(d - margin if margin is not None else d)
+    d = torch.sigmoid(chosen) - torch.sigmoid(rejected)
+    return -utility(d - margin if margin is not None else d, utility_fn, sigma, gamma, eps)
+
+
+def ranking_weights(groups: list[int | None]) -> torch.Tensor:
+    """Weight of each pair: 1/C(K, 2) = 1 / (pairs sharing its ranking `group`); 1 for a lone pair."""
+    sizes: dict[int, int] = {}
+    for g in groups:
+        if g is not None:
+            sizes[g] = sizes.get(g, 0) + 1
+    return torch.tensor([1.0 / sizes[g] if g is not None else 1.0 for g in groups], dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------ objectives
+
+
+class BradleyTerryConfig(PluginConfig):
+    examples: Literal["pairs", "rankings"] = Field(
+        "pairs", description="Train on the task's `pairs`, or on K-wise `rankings` expanded to K-choose-2 pairs."
+    )
+    margin: bool = Field(
+        False, description="Llama-2 margin loss -log sigma(r_w - r_l - m): m = margin_scale * the pair's margin label."
+    )
+    margin_scale: float = Field(1.0, ge=0, description="m(label) = margin_scale * PreferencePair.margin.")
+    ranking_weight: bool = Field(
+        True, description="Weight each pair of a K-wise ranking by 1/C(K,2), so every ranked prompt counts once (InstructGPT)."
+    )
+    utility: Utility = Field(
+        "none",
+        description="`none`: -log sigma(r_w - r_l) on raw rewards. Song et al. 2023 prompt-aware utilities on rewards "
+        "squashed by a sigmoid: `log-sigmoid` U(x)=log sigmoid(x/sigma), `power` U(x)=x^gamma, `neg-power` U(x)=-x^(-gamma).",
+    )
+    sigma: float = Field(0.1, gt=0, description="Temperature of the `log-sigmoid` utility.")
+    gamma: float = Field(0.5, gt=0, description="Exponent of the `power` (0 < gamma <= 1) and `neg-power` utilities.")
+    utility_eps: float = Field(
+        0.01, gt=0, lt=1, description="Below this difference the power utilities continue linearly (tangent at eps)."
+    )
+    eval_examples: int = Field(2000, ge=1, description="Held-out pairs scored at the end of the run.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.utility == "power" and self.gamma > 1:
+            raise ValueError(f"utility `power` needs 0 < gamma <= 1 (a concave x^gamma), got gamma={self.gamma}")
+        return self
+
+
+class BradleyTerry(Objective):
+    name = "bradley-terry"
+    aliases = ("rm", "reward-model-training")
+    summary = "Reward-model training: -log sigma(r_w - r_l [- margin]) on a scalar head; K-wise rankings; Song et al. utilities."
+    paper = "Ouyang et al. 2022, arXiv:2203.02155 Eq. 1; Touvron et al. 2023, arXiv:2307.09288 Eq. 2; Song et al. 2023, arXiv:2305.17608"
+    data_kind = "pairs"
+    needs_value_head = True
+    Config = BradleyTerryConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.row_weight: torch.Tensor | None = None
+
+    def example_kind(self) -> str:
+        return self.config.examples
+
+    def prepare(self, data, collate, reference) -> bool:
+        if self.config.ranking_weight:
+            self.row_weight = ranking_weights([getattr(e, "group", None) for e in data])
+        return False
+
+    def loss(self, batch, policy, reference=None) -> LossOutput:
+        c, n = self.config, len(batch)
+        both = concat(batch.sequences, batch.rejected)
+        r = sequence_rewards(policy, both.input_ids, both.attention_mask)
+        r_w, r_l = r[:n], r[n:]
+        margin = c.margin_scale * batch.margin.to(r.dtype) if c.margin and batch.margin is not None else None
+        losses = pairwise_loss(r_w, r_l, margin, c.utility, c.sigma, c.gamma, c.utility_eps)
+        w = torch.ones_like(losses)
+        if self.row_weight is not None:
+            w = self.row_weight[batch.index.cpu()].to(losses.device, losses.dtype)
+        w = w * (~identical(batch.sequences, batch.rejected)).to(w.dtype)  # chosen == rejected: no preference
+        loss = (losses * w).sum() / w.sum().clamp(min=1e-12)
+        d = (r_w - r_l).detach()
+        return LossOutput(loss, {
+            "accuracy": ((d > 0).float() * w).sum().item() / max(w.sum().item(), 1e-12),
+            "reward_chosen": r_w.detach().mean().item(),
+            "reward_rejected": r_l.detach().mean().item(),
+            "reward_margin": d.mean().item(),
+            "reward_std": r.detach().std().item() if len(r) > 1 else 0.0,
+            "skipped_pairs": float((w == 0).sum().item()),
+        })
+
+    def evaluate(self, policy, task, **context):
+        scorer = RewardModel.from_policy(policy)
+        return evaluate_reward_model(scorer.score, task, ("pairs", "rankings"), self.config.eval_examples)
+
+
+class RewardRegression(Objective):
+    name = "reward-regression"
+    aliases = ("value-network",)
+    summary = "Regression reward model ('value network'): MSE of a scalar head against scalar ratings (task kind `rewarded`)."
+    paper = "Ouyang et al. 2022, arXiv:2203.02155 (reward model); regression on ratings"
+    data_kind = "rewarded"
+    needs_value_head = True
+
+    class Config(PluginConfig):
+        eval_examples: int = Field(2000, ge=1, description="Held-out rated examples (and pairs, where the task has them) scored at the end.")
+
+    def loss(self, batch, policy, reference=None) -> LossOutput:
+        seq = batch.sequences
+        r = sequence_rewards(policy, seq.input_ids, seq.attention_mask)
+        target = batch.rewards.to(r.dtype)
+        mse = ((r - target) ** 2).mean()
+        return LossOutput(mse, {
+            "mse": mse.item(),
+            "prediction_mean": r.detach().mean().item(),
+            "target_mean": target.mean().item(),
+        })
+
+    def evaluate(self, policy, task, **context):
+        scorer = RewardModel.from_policy(policy)
+        return evaluate_reward_model(scorer.score, task, ("rewarded", "pairs"), self.config.eval_examples)
+
+
+# ------------------------------------------------------------------------------ reward source
+
+
+class RewardModelSourceConfig(PluginConfig):
+    path: str = Field(
+        "auto",
+        description="Directory written by reward-model training (a run's `policy/`), or `auto`: the task's cached "
+        "default reward model (trained on first use).",
+    )
+    batch_size: int = Field(64, ge=1, description="Sequences per forward pass.")
+    max_length: int | None = Field(
+        None, ge=4, description="Longest prompt + response in the RM's tokens; longer ones are truncated and counted (null: as trained)."
+    )
+    normalize: Literal["none", "running", "fixed"] = Field(
+        "none",
+        description="`running`: (r - mean) / std over every reward scored so far (this batch included); "
+        "`fixed`: (r - mean) / std with the `mean` and `std` below; `none`: raw rewards.",
+    )
+    mean: float = Field(0.0, description="Mean subtracted with `normalize: fixed`.")
+    std: float = Field(1.0, gt=0, description="Scale divided by with `normalize: fixed`.")
+    clip: float | None = Field(None, gt=0, description="Clip the (normalised) reward to [-clip, clip] (null: off); clipped rewards are counted.")
+    device: str = Field("auto", description="Device of the reward model: `auto` (CUDA when available), `cpu`, `cuda:0`, ...")
+
+
+class RunningMoments:
+    """Count, mean and variance of a stream of values (Chan et al. parallel update, float64)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        n = x.numel()
+        if n == 0:
+            return
+        mean_b, m2_b = x.mean().item(), ((x - x.mean()) ** 2).sum().item()
+        total = self.count + n
+        delta = mean_b - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2_b + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+
+
+class RewardModelSource(RewardSource):
+    name = "reward-model"
+    summary = "A trained reward model (scalar head on a causal LM) with its own tokenizer; optional normalisation and clipping."
+    paper = "Ouyang et al. 2022, arXiv:2203.02155"
+    Config = RewardModelSourceConfig
+
+    def __init__(self, config=None, task=None):
+        super().__init__(config, task)
+        c = self.config
+        if c.path == "auto":
+            if task is None:
+                raise ValueError("reward source 'reward-model' with `path: auto` needs a task (its cached reward model)")
+            path = reward_model_path(task)
+        else:
+            path = Path(c.path).expanduser()
+        self.path = Path(path)
+        self.model = RewardModel.load(self.path, device=c.device, batch_size=c.batch_size, max_length=c.max_length)
+        self.moments = RunningMoments()
+        self.calls = self.clipped = 0
+
+    def score(self, prompts, responses) -> torch.Tensor:
+        c = self.config
+        r = self.model.score(prompts, responses).double()
+        self.calls += len(r)
+        if c.normalize == "running":
+            self.moments.update(r)
+            r = (r - self.moments.mean) / max(self.moments.std, 1e-8)
+        elif c.normalize == "fixed":
+            r = (r - c.mean) / c.std
+        if c.clip is not None:
+            self.clipped += int((r.abs() > c.clip).sum().item())
+            r = r.clamp(-c.clip, c.clip)
+        return r.float()
+
+    def metrics(self) -> dict[str, float]:
+        stats = self.model.stats
+        out = {
+            "rm_calls": float(self.calls),
+            "rm_truncated": float(stats.truncated),
+            "rm_truncated_rate": stats.truncated / max(1, stats.sequences),
+            "rm_unknown_token_responses": float(self.model.unknown_token_responses),
+            "rm_clipped": float(self.clipped),
+        }
+        if self.config.normalize == "running":
+            out.update(rm_running_mean=self.moments.mean, rm_running_std=self.moments.std)
+        return out
+
+
+@hookimpl
+def register_objectives(register):
+    register(BradleyTerry)
+    register(RewardRegression)
+
+
+@hookimpl
+def register_reward_sources(register):
+    register(RewardModelSource)

@@ -1,0 +1,123 @@
+"""Best-of-N as a policy: it returns each prompt's best candidate under its reward source, merges
+chunks into one well-formed rollout, satisfies what evaluation needs, and (learning) its held-out
+gold reward grows with N."""
+
+import math
+
+import pytest
+import torch
+
+from rlhfzoo import hookimpl
+from rlhfzoo.evaluation import evaluate
+from rlhfzoo.interfaces import RewardSource
+from rlhfzoo.plugins.best_of_n import BestOfN, concat_rollouts
+from rlhfzoo.plugins.sentiment import SentimentTask
+from rlhfzoo.registry import registry
+from rlhfzoo.testing import TINY_POLICY
+
+TINY = {**TINY_POLICY, "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is much faster than two on a shared machine (no OpenMP barriers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class CountLetters(RewardSource):
+    """A deterministic test reward: the number of letters 'e' in the response."""
+
+    name = "tests-count-e"
+
+    def score(self, prompts, responses):
+        return torch.tensor([float(r.count("e")) for r in responses])
+
+
+class TestPlugin:
+    @hookimpl
+    def register_reward_sources(self, register):
+        register(CountLetters)
+
+
+@pytest.fixture(scope="module")
+def task():
+    registry.register_plugin(TestPlugin(), name="tests_best_of_n_rewards", package="tests")
+    return SentimentTask()
+
+
+def make(task, n, reward="tests-count-e", **kw):
+    return registry.create("policy", "best-of-n", {"n": n, "base": TINY, "reward": {"name": reward}, **kw}, task=task)
+
+
+def test_returns_the_best_candidate_of_each_prompt(task):
+    bon = make(task, 5)
+    prompts = task.examples("prompts")[:4]
+    torch.manual_seed(0)
+    candidates = bon.base.generate([p for p in prompts for _ in range(5)])
+    torch.manual_seed(0)
+    ro = bon.generate(prompts)
+    counts = torch.tensor([float(r.count("e")) for r in candidates.responses]).view(4, 5)
+    best = counts.argmax(-1)
+    assert ro.prompts == list(prompts)
+    assert ro.responses == [candidates.responses[i * 5 + int(b)] for i, b in enumerate(best)]
+    assert bon.last_scores.tolist() == counts.max(-1).values.tolist()
+    assert bon.counters["reward_calls"] == 20.0
+    assert bon.analytic_kl() == pytest.approx(math.log(5) - 4 / 5)
+
+
+def test_chunks_merge_into_one_rollout(task):
+    bon = make(task, 3, chunk_size=6)  # 2 prompts per base call
+    prompts = task.examples("prompts")[:7]
+    torch.manual_seed(1)
+    ro = bon.generate(prompts)
+    assert ro.sequences.shape[0] == 7 and len(ro.responses) == 7 and ro.finished.shape == (7,)
+    # Left-padded prompts, right-padded responses, log-probs aligned with the sequences.
+    first_resp = [int(r.nonzero()[0]) for r in ro.response_mask]
+    assert len(set(first_resp)) == 1
+    lp = bon.logprobs(ro.sequences, ro.attention_mask) * ro.response_mask[:, 1:]
+    assert torch.allclose(lp, ro.logprobs, atol=1e-5)
+    for i in range(7):
+        cols = ro.attention_mask[i].nonzero().squeeze(-1)
+        assert (cols == torch.arange(cols[0], cols[-1] + 1)).all()
+
+
+def test_concat_rollouts_is_identity_on_one(task):
+    bon = make(task, 1)
+    ro = bon.base.generate(task.examples("prompts")[:2])
+    assert concat_rollouts([ro], 0) is ro
+
+
+def test_a_policy_for_evaluation_and_the_registry(task):
+    bon = make(task, 2, reward="gold")
+    out = evaluate(bon, task, reference=bon.base.frozen_copy(), n_prompts=6, seed=0)
+    assert out["n"] == 6.0 and math.isfinite(out["gold"]) and math.isfinite(out["kl"])
+    copy = bon.frozen_copy()
+    assert isinstance(copy, BestOfN) and copy.reward is bon.reward
+    assert not any(p.requires_grad for p in copy.parameters())
+    assert BestOfN.benchmark and all(f.description for f in BestOfN.Config.model_fields.values())
+
+
+def test_bad_sub_configs_are_reported(task):
+    with pytest.raises(ValueError, match="must be a mapping with a `name`"):
+        BestOfN.Config(base={"init": "sft"})
+    with pytest.raises(ValueError, match=r"policy.base.temprature"):
+        make(task, 2, base={**TINY, "temprature": 1.0})
+    with pytest.raises(KeyError, match="not registered"):
+        make(task, 2, reward="no-such-reward")
+
+
+@pytest.mark.learning
+def test_gold_grows_with_n(task):
+    """SFT base, the task's reward model choosing: gold(N=1) < gold(N=4) < gold(N=16) on held-out prompts."""
+    figures = {}
+    for n in (1, 4, 16):
+        bon = registry.create("policy", "best-of-n", {"n": n, "base": {"name": "hf", "init": "sft"},
+                                                      "reward": {"name": "reward-model", "path": "auto"}}, task=task)
+        figures[n] = evaluate(bon, task, n_prompts=100, seed=0)
+    print("\nbest-of-n gold: " + ", ".join(f"N={n}: {f['gold']:.3f} ± {f['gold_se']:.3f}" for n, f in figures.items()))
+    assert figures[1]["gold"] < figures[4]["gold"] < figures[16]["gold"]
+    se = math.sqrt(figures[1]["gold_se"] ** 2 + figures[16]["gold_se"] ** 2)
+    assert figures[16]["gold"] - figures[1]["gold"] > 3 * se
