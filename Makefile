@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 run: setup
-	$(VENV)/bin/rlhfzoo train configs/sft.yaml --overwrite
+	$(VENV)/bin/rlhfzoo bench --quick --out runs/bench-quick
 
 test: setup
 	$(PY) -m pytest -q

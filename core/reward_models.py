@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlhfzoo.data.collate import TruncationStats, encode, pad
-from rlhfzoo.interfaces import Policy, SequenceBatch
+from rlhfzoo.interfaces import Policy
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 REPORT_FILE = "reward_model_report.json"
@@ -363,7 +363,7 @@ def reward_model_run_data(task: Any) -> dict[str, Any]:
         "task": {"name": task.name, **task.config.model_dump(mode="json")},
         "policy": {"name": "hf", "init": "sft"},
         "algorithm": recipe.get("algorithm") or default_algorithm(task),
-        "train": {**DEFAULT_TRAIN, **recipe.get("train", {}), "progress": False, "eval_prompts": 0},
+        "train": {**DEFAULT_TRAIN, **recipe.get("train", {}), "progress": False},  # eval_prompts > 0: evaluate() runs
     }
 
 

@@ -225,8 +225,11 @@ class HTTPJudge(JudgeBackend):
 
 # ------------------------------------------------------------------------------ the judge stage
 
-# Train settings of the task's default judge: SFT on its critiques, from its SFT policy.
-JUDGE_RECIPE: dict[str, Any] = {"steps": 250, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"}
+# Train settings of the task's default judge: SFT on its critiques, from its SFT policy (a task
+# may override them with `judge_recipe()`). On sentiment the judge's Spearman correlation with the
+# gold reward was 0.11 after 250 steps at lr 1e-3, 0.44 after 600 and 0.73 after 800 at 2e-3:
+# it must learn word sentiment from one verdict token per example.
+JUDGE_RECIPE: dict[str, Any] = {"steps": 800, "batch_size": 32, "lr": 2e-3, "warmup_steps": 20, "lr_schedule": "cosine"}
 
 
 def judge_run_data(task: Any) -> dict[str, Any]:

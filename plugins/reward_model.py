@@ -19,9 +19,11 @@ Pairwise classifier (InstructGPT, arXiv:2203.02155, Eq. 1), a scalar head r(x, y
       power:       U(x) = x^gamma,       0 < gamma <= 1
       neg-power:   U(x) = -x^(-gamma),   gamma > 0
 
-  whose optimal reward distributions differ (U = log sigmoid collapses every prompt to the same
-  distribution; the power utilities spread or polarise the rewards), so a prompt's utility
-  sets how its rewards are spread. The two power utilities are defined for x > 0 only; below
+  With one U for all prompts the optimum gives every prompt the same reward distribution
+  (reward collapse); its shape depends on U and gamma/sigma, so choosing the utility for the
+  kind of prompt (e.g. one run per prompt type) counters the collapse; `within_prompt_std` in
+  the evaluation shows the spread. (Choosing U per pair needs a per-prompt label that the
+  built-in tasks do not provide.) The power utilities are defined for x > 0 only; below
   `utility_eps` they are continued by their tangent line at eps, which keeps U concave and
   increasing and gives a misordered pair (x <= 0) a finite gradient.
 

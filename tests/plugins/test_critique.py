@@ -3,7 +3,6 @@ comparison in both orders, the HTTP backend against a local server (timeouts, ga
 concurrency, the key), config checks, and a tiny judge trained on sentiment's critiques."""
 
 import json
-import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from rlhfzoo.config import ConfigError, load_config
+from rlhfzoo.config import load_config
 from rlhfzoo.plugins.critique import (
     CritiqueReward,
     HTTPJudge,
