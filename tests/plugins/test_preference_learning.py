@@ -75,7 +75,7 @@ def test_dpo_on_hh_rlhf_ranks_held_out_pairs(tmp_path):
         "task": {"name": "hh-rlhf", "vocab_size": 1024},
         "policy": {"name": "hf", "init": "scratch", "n_layer": 1, "n_embd": 64, "n_head": 2, "n_positions": 96, "max_length": 96},
         "algorithm": {"name": "dpo", "beta": 0.1, "reference": "model"},  # sees < 1 epoch: no point caching all rows
-        "train": {"steps": 30, "batch_size": 32, "lr": 1.0e-3, "eval_prompts": 0, "progress": False},
+        "train": {"steps": 20, "batch_size": 32, "lr": 1.0e-3, "eval_prompts": 0, "progress": False},
         "output_dir": str(tmp_path / "hh"),
     })
     trainer = Trainer(cfg, log=quiet)

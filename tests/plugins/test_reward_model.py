@@ -351,8 +351,8 @@ def test_hh_reward_model_beats_chance(tmp_path):
     except FileNotFoundError:
         pytest.skip("the shared HH-RLHF sample is absent")
     cfg = load_config(data={
-        "task": {"name": "hh-rlhf"},
-        "policy": {"name": "hf", "init": "scratch", "n_layer": 1, "n_embd": 64, "n_head": 2, "max_length": 128},
+        "task": {"name": "hh-rlhf", "max_chars": 300},  # prompts cut to their latest 300 characters, replies to 300
+        "policy": {"name": "hf", "init": "scratch", "n_layer": 1, "n_embd": 64, "n_head": 2, "max_length": 96},
         "algorithm": {"name": "bradley-terry"},
         "train": {"steps": 100, "batch_size": 32, "lr": 1e-3, "warmup_steps": 10, "progress": False},
         "output_dir": str(tmp_path / "hh"),
