@@ -6,3 +6,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RLHFZOO_CACHE", str(REPO / ".cache" / "rlhfzoo-tests"))
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def example_plugin_env(tmp_path_factory):
+    """Environment in which the third-party example plugin (examples/rlhfzoo-slic) is installed
+    by pip, the way a user would, into its own directory on PYTHONPATH."""
+    target = tmp_path_factory.mktemp("site")
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(REPO / "examples" / "rlhfzoo-slic")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    return {**os.environ, "PYTHONPATH": str(target)}

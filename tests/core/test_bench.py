@@ -17,15 +17,9 @@ ROW_FIELDS = {"algorithm", "name", "kind", "seeds", "seeds_ok", "status", "gold"
 TINY = ["--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "train.eval_every=1", "--eval-prompts", "24"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    r = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    return {**os.environ, "PYTHONPATH": str(target)}
+@pytest.fixture
+def env(example_plugin_env):
+    return example_plugin_env
 
 
 def bench(*args, env):

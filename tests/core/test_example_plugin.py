@@ -13,15 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "rlhfzoo-slic"
 
 
-@pytest.fixture(scope="module")
-def plugin_env(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    r = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    return {**os.environ, "PYTHONPATH": str(target)}
+@pytest.fixture
+def plugin_env(example_plugin_env):
+    return example_plugin_env
 
 
 def rlhfzoo(*args, env):
