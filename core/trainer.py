@@ -184,6 +184,8 @@ class Trainer:
         self.data = self._load_data()
         if self.objective.prepare(self.data, self.collator, self.reference):
             self.reference = None  # e.g. reference log-probs are cached: free the second model
+        if self.reference is not None:
+            self.reference.module.to(self.accelerator.device)
 
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)
@@ -230,6 +232,8 @@ class Trainer:
             with ctx:
                 self.accelerator.backward(out.loss / len(batches))
             for key, v in out.metrics.items():
+                if key == "loss":  # the loss itself is added below, once
+                    continue
                 sums[key] = sums.get(key, 0.0) + float(v) / len(batches)
             sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / len(batches)
         if self.train.max_grad_norm is not None:

@@ -33,15 +33,14 @@ def response_tokens(seq: SequenceBatch) -> torch.Tensor:
     return seq.response_mask[:, 1:].sum(-1)
 
 
-def concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
-    """Stack two right-padded batches into one (padding the narrower one), for a single forward pass."""
-    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+def concat(*batches: SequenceBatch) -> SequenceBatch:
+    """Stack right-padded batches into one (padding the narrower ones), for a single forward pass."""
+    width = max(b.input_ids.shape[1] for b in batches)
 
-    def widen(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=0)
+    def stacked(field: str) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=0) for t in (getattr(b, field) for b in batches)])
 
-    return SequenceBatch(*(torch.cat([widen(x), widen(y)]) for x, y in zip(
-        (a.input_ids, a.attention_mask, a.response_mask), (b.input_ids, b.attention_mask, b.response_mask))))
+    return SequenceBatch(stacked("input_ids"), stacked("attention_mask"), stacked("response_mask"))
 
 
 def identical(a: SequenceBatch, b: SequenceBatch) -> torch.Tensor:
@@ -79,9 +78,9 @@ def reference_logprobs(reference: Policy | None, seq: SequenceBatch, average: bo
 class ReferenceCache:
     """Reference log-probs per dataset row, under one or more names ("chosen", "rejected", ...).
 
-    `build` runs the reference over a list of examples in batches of `batch_size` under
-    `torch.no_grad` and stores `log pi_ref` of the sequences `view(batch)` picks out of each
-    collated batch, at the rows the batch's `index` names. `lookup` returns them for a batch
+    `build` runs the reference over a list of examples in batches of `batch_size` (or the given
+    `chunks` of rows) under `torch.no_grad` and stores `log pi_ref` of the sequences `view(batch)`
+    picks out of each collated batch, at the rows the batch's `index` names. `lookup` returns them for a batch
     (on the batch's device); rows never filled are reported, not invented.
     """
 
@@ -100,6 +99,7 @@ class ReferenceCache:
         reference: Policy,
         average: bool,
         batch_size: int = 64,
+        chunks: Sequence[Sequence[int]] | None = None,
     ) -> None:
         n = len(examples)
         store = {name: torch.full((n,), float("nan"), dtype=torch.float32) for name in views}
@@ -110,14 +110,16 @@ class ReferenceCache:
         was_training = module.training
         module.eval()
         try:
-            # Similar lengths together: less padding per forward pass.
-            order = sorted(range(n), key=lambda i: _text_length(examples[i]))
-            for k in range(0, n, batch_size):
-                rows = order[k : k + batch_size]
+            if chunks is None:  # similar lengths together: less padding per forward pass
+                order = sorted(range(n), key=lambda i: _text_length(examples[i]))
+                chunks = [order[k : k + batch_size] for k in range(0, n, batch_size)]
+            for rows in chunks:
                 batch = collate([(i, examples[i]) for i in rows]).to(device)
                 index = batch.index.cpu()
-                for name, view in views.items():
-                    store[name][index] = reference.sequence_logprobs(view(batch), average=average).float().cpu()
+                # Every view of the batch in one forward pass.
+                logprobs = reference.sequence_logprobs(concat(*(view(batch) for view in views.values())), average=average)
+                for name, lp in zip(views, logprobs.float().cpu().split(len(rows))):
+                    store[name][index] = lp
         finally:
             module.train(was_training)
         self.values.update(store)

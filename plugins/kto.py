@@ -16,8 +16,8 @@ paper prescribes. The mismatched pairs:
 
 * `reference: model` -- the collator's in-batch pairs (prompt i with response i+1), with the
   frozen reference model run on them every step;
-* `reference: cached` (default) -- every row gets a fixed partner row (a seeded cyclic
-  permutation of the data) before training, and the reference log-probs of both its own and its
+* `reference: cached` (default) -- every row gets a fixed partner row (the next one in a seeded
+  shuffle, cut into chunks of `reference_batch_size`) before training, and the reference log-probs of both its own and its
   mismatched sequence are cached, so the trainer frees the reference model (the partners are
   fixed because the in-batch pairs change with the batch, and a cache needs them known ahead).
 
@@ -89,7 +89,9 @@ class KTO(Objective):
             description="`cached`: reference log-probs (own and fixed mismatched sequences) computed once per example before "
             "training, then the reference model is freed; `model`: keep the frozen reference, use the in-batch mismatched pairs.",
         )
-        reference_batch_size: int = Field(64, ge=1, description="Examples per forward pass when caching reference log-probs.")
+        reference_batch_size: int = Field(
+            64, ge=1, description="Examples per forward pass when caching reference log-probs (also the chunks the fixed mismatched partners are drawn within)."
+        )
         seed: int = Field(0, description="Seed of the fixed mismatched partners of `reference: cached`.")
 
     def __init__(self, config=None):
@@ -121,16 +123,21 @@ class KTO(Objective):
             return False
         if reference is None:
             raise RuntimeError("kto: `reference: cached` needs the reference policy in `prepare`")
-        n = len(data)
+        # Fixed partners: a seeded shuffle cut into chunks; within a chunk row k is paired with row k+1
+        # (cyclically), exactly as the collator pairs them, so one collated chunk gives both sequences.
+        n, size = len(data), c.reference_batch_size
         order = list(range(n))
         random.Random(f"kto-partners-{c.seed}").shuffle(order)
+        chunks = [order[k : k + size] for k in range(0, n, size)]
+        if len(chunks) > 1 and len(chunks[-1]) < 2:  # nobody is their own partner
+            chunks[-2] += chunks.pop()
         partner = [0] * n
-        for k, i in enumerate(order):  # cyclic shift of a random order: nobody is their own partner (n >= 2)
-            partner[i] = order[(k + 1) % n]
+        for rows in chunks:
+            for k, i in enumerate(rows):
+                partner[i] = rows[(k + 1) % len(rows)]
         self._partner, self._data, self._collate = partner, data, collate
-        mismatched = [self._mismatched(i) for i in range(n)]
-        self.cache.build({"own": lambda b: b.sequences}, data, collate, reference, c.average_logprobs, c.reference_batch_size)
-        self.cache.build({"kl": lambda b: b.sequences}, mismatched, collate, reference, c.average_logprobs, c.reference_batch_size)
+        views = {"own": lambda b: b.sequences, "kl": lambda b: b.kl_sequences}
+        self.cache.build(views, data, collate, reference, c.average_logprobs, size, chunks=chunks)
         return True
 
     def _mismatched(self, i: int) -> UnpairedExample:

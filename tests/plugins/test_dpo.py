@@ -4,7 +4,6 @@ and a NaN stopping the trainer. Everything here runs on a tiny scratch policy (n
 import json
 import math
 import random
-import warnings
 
 import pytest
 import torch
