@@ -110,6 +110,30 @@ def build_scratch_model(config: HFPolicyConfig, tokenizer: Any, defaults: dict[s
     return AutoModelForCausalLM.from_config(mcfg)
 
 
+def build_rollout(policy: Policy, prompts: Sequence[str], ids: torch.Tensor, attn: torch.Tensor, gen: torch.Tensor) -> Rollout:
+    """A Rollout from left-padded prompt ids/mask and the generated tokens: the response runs up
+    to and including the first EOS; its log-probs are recomputed with the policy's training
+    forward, so the PPO ratio is exactly 1 on the first minibatch."""
+    tok = policy.tokenizer
+    gen = gen.cpu()
+    is_eos = gen == tok.eos_token_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    resp_mask = (~after_eos).long()
+    finished = is_eos.any(-1)
+    policy.counters["generated_tokens"] += int(resp_mask.sum())
+    gen = gen.masked_fill(after_eos, tok.pad_token_id)
+    sequences = torch.cat([ids, gen], dim=1)
+    attention_mask = torch.cat([attn, resp_mask], dim=1)
+    response_mask = torch.cat([torch.zeros_like(attn), resp_mask], dim=1)
+    responses = [
+        tok.decode(row[m.bool() & (row != tok.eos_token_id)].tolist(), skip_special_tokens=True).strip()
+        for row, m in zip(gen, resp_mask)
+    ]
+    device = next(policy.module.parameters()).device
+    lp = policy.logprobs(sequences.to(device), attention_mask.to(device)).float().cpu() * response_mask[:, 1:]
+    return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
+
+
 class HFPolicy(Policy):
     name = "hf"
     aliases = ("transformers",)
@@ -209,26 +233,7 @@ class HFPolicy(Policy):
             pad_token_id=tok.pad_token_id,
         )
         lm.train(was_training)
-        P = ids.shape[1]
-        gen = out[:, P:].cpu()
-        is_eos = gen == tok.eos_token_id
-        # Keep tokens up to and including the first EOS.
-        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        resp_mask = (~after_eos).long()
-        finished = is_eos.any(-1)
-        self.counters["generated_tokens"] += int(resp_mask.sum())
-        gen = gen.masked_fill(after_eos, tok.pad_token_id)
-        sequences = torch.cat([ids, gen], dim=1)
-        attention_mask = torch.cat([attn, resp_mask], dim=1)
-        response_mask = torch.cat([torch.zeros_like(attn), resp_mask], dim=1)
-        responses = [
-            tok.decode(row[m.bool() & (row != tok.eos_token_id)].tolist(), skip_special_tokens=True).strip()
-            for row, m in zip(gen, resp_mask)
-        ]
-        # Recompute the sampled tokens' log-probs with the training forward, so the PPO ratio is 1.
-        lp = self.logprobs(sequences.to(device), attention_mask.to(device)).float().cpu()
-        lp = lp * response_mask[:, 1:]
-        return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
+        return build_rollout(self, prompts, ids, attn, out[:, ids.shape[1] :])
 
     # ------------------------------------------------------------------------------ copies & files
     def frozen_copy(self) -> "HFPolicy":

@@ -49,7 +49,7 @@ from pydantic import Field
 from rlhfzoo import hookimpl, kernels
 from rlhfzoo.data.collate import pad, prompt_ids
 from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, RewardedExample, Rollout
-from rlhfzoo.policy import HFPolicy, HFPolicyConfig
+from rlhfzoo.policy import HFPolicy, HFPolicyConfig, build_rollout
 
 HEADS_FILE = "ilql_heads.safetensors"
 HEADS_META = "ilql_heads.json"
@@ -549,24 +549,8 @@ class ILQLPolicy(HFPolicy):
             gen, _ = self.decode(ids, attn, cfg)
         finally:
             self.module.train(was_training)
-        gen = gen.cpu()
-        is_eos = gen == tok.eos_token_id
-        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        resp_mask = (~after_eos).long()
-        finished = is_eos.any(-1)
-        self.counters["generated_tokens"] += int(resp_mask.sum())
-        gen = gen.masked_fill(after_eos, tok.pad_token_id)
-        sequences = torch.cat([ids, gen], dim=1)
-        attention_mask = torch.cat([attn, resp_mask], dim=1)
-        response_mask = torch.cat([torch.zeros_like(attn), resp_mask], dim=1)
-        responses = [
-            tok.decode(row[m.bool() & (row != tok.eos_token_id)].tolist(), skip_special_tokens=True).strip()
-            for row, m in zip(gen, resp_mask)
-        ]
-        # Log-probs of the base LM (the policy the heads perturb), e.g. for KL to a reference.
-        device = next(self.module.parameters()).device
-        lp = self.logprobs(sequences.to(device), attention_mask.to(device)).float().cpu() * response_mask[:, 1:]
-        return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
+        # The base LM's log-probs (the policy the heads perturb), e.g. for KL to a reference.
+        return build_rollout(self, prompts, ids, attn, gen)
 
     def frozen_copy(self) -> "ILQLPolicy":
         module = copy.deepcopy(self.module)
