@@ -38,6 +38,12 @@ class HFPolicyConfig(PluginConfig):
     n_positions: int | None = Field(None, ge=8, description="Context length of a model from scratch (null: the task's default).")
     tokenizer: str | None = Field(None, description="Tokenizer path or hub id (null: the model's own, or the task's).")
     value_head: bool = Field(False, description="Add a scalar value head on the last hidden state (actor-critic).")
+    critic: Literal["shared", "separate"] = Field(
+        "shared",
+        description="Where the value head reads its hidden states: `shared` (the policy's own transformer, one model) or "
+        "`separate` (its own copy of the initial transformer, a separate critic model as in InstructGPT: twice the "
+        "weights, no interference between the value and policy gradients). Saved under `critic/` in the policy directory.",
+    )
     max_length: int = Field(128, ge=4, description="Longest prompt + response in tokens; longer ones are truncated and counted.")
     max_new_tokens: int = Field(32, ge=1, description="Most tokens generated per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
@@ -47,16 +53,25 @@ class HFPolicyConfig(PluginConfig):
 
 
 class LMWithHeads(torch.nn.Module):
-    """A causal LM plus an optional value head; forward returns per-token log-probs (and values)."""
+    """A causal LM plus an optional value head; forward returns per-token log-probs (and values).
 
-    def __init__(self, lm: torch.nn.Module, value_head: bool = False):
+    The value head reads the hidden states of `critic` when there is one (a separate critic
+    model, a causal LM whose vocabulary projection is unused), else those of `lm` itself."""
+
+    def __init__(self, lm: torch.nn.Module, value_head: bool = False, critic: torch.nn.Module | None = None):
         super().__init__()
         self.lm = lm
+        self.critic = critic
         hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
         self.value_head = torch.nn.Linear(hidden, 1) if value_head else None
         if self.value_head is not None:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def value_trunk(self) -> torch.nn.Module:
+        """The causal LM whose last hidden states the value head reads."""
+        return self.critic if self.critic is not None else self.lm
 
     def forward(
         self,
@@ -84,6 +99,10 @@ class LMWithHeads(torch.nn.Module):
         if return_values:
             if self.value_head is None:
                 raise RuntimeError("this policy has no value head; set `policy.value_head: true`")
+            if self.critic is not None:
+                hidden = self.critic.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                ).last_hidden_state
             out["values"] = self.value_head(hidden).squeeze(-1).float()
         return out
 
@@ -148,6 +167,8 @@ class HFPolicy(Policy):
             model, tokenizer = self._build(task)
         self.tokenizer = tokenizer
         self.model = model if isinstance(model, LMWithHeads) else LMWithHeads(model, self.config.value_head)
+        if self.config.value_head and self.config.critic == "separate" and self.module.critic is None:
+            self.module.critic = copy.deepcopy(self.module.lm)  # the critic starts from the policy's weights
         # Work done, for budgets in comparable units (benchmarks): tokens through training
         # forwards and tokens generated.
         self.counters = {"train_tokens": 0, "generated_tokens": 0}
@@ -181,7 +202,9 @@ class HFPolicy(Policy):
             ) from None
         tok = self._tokenizer(path, task)
         value_file = Path(path) / "value_head.safetensors"
-        policy_model = LMWithHeads(model, self.config.value_head or value_file.exists())
+        critic_dir = Path(path) / "critic"
+        critic = AutoModelForCausalLM.from_pretrained(str(critic_dir)) if critic_dir.is_dir() else None
+        policy_model = LMWithHeads(model, self.config.value_head or value_file.exists(), critic=critic)
         if value_file.exists():
             from safetensors.torch import load_file
 
@@ -237,10 +260,15 @@ class HFPolicy(Policy):
 
     # ------------------------------------------------------------------------------ copies & files
     def frozen_copy(self) -> "HFPolicy":
-        module = copy.deepcopy(self.module)
+        critic, self.module.critic = self.module.critic, None  # a frozen copy (the reference) needs no critic
+        try:
+            module = copy.deepcopy(self.module)
+        finally:
+            self.module.critic = critic
         module.requires_grad_(False)
         module.eval()
-        return HFPolicy(self.config, task=self.task, model=module, tokenizer=self.tokenizer)
+        config = self.config.model_copy(update={"critic": "shared"})
+        return HFPolicy(config, task=self.task, model=module, tokenizer=self.tokenizer)
 
     def save(self, path: str) -> None:
         """A directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
@@ -251,6 +279,8 @@ class HFPolicy(Policy):
             from safetensors.torch import save_file
 
             save_file(self.module.value_head.state_dict(), os.path.join(path, "value_head.safetensors"))
+        if self.module.critic is not None:
+            self.module.critic.save_pretrained(os.path.join(path, "critic"), safe_serialization=True)
         with open(os.path.join(path, "rlhfzoo_policy.json"), "w") as f:
             json.dump({"policy": self.name, "config": self.config.model_dump(mode="json")}, f, indent=1)
 

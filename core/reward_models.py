@@ -55,7 +55,7 @@ def head_rewards(module: torch.nn.Module, input_ids: torch.Tensor, attention_mas
         )
     last = last_token_index(attention_mask)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as LMWithHeads.forward
-    hidden = module.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    hidden = module.value_trunk.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return module.value_head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
