@@ -431,7 +431,7 @@ class SentimentTask(Task):
 
     class Config(PluginConfig):
         seed: int = Field(0, description="Seed of the generated language data and of the label noise.")
-        n_demonstrations: int = Field(4000, ge=1, description="SFT demonstrations in the train split.")
+        n_demonstrations: int = Field(16000, ge=1, description="SFT demonstrations in the train split.")
         n_test_demonstrations: int = Field(400, ge=1, description="SFT demonstrations in the test split.")
         n_prompts: int = Field(
             512, ge=1, description="Train prompts (online RL, and the prompts SFT samples are drawn for)."
@@ -545,8 +545,11 @@ class SentimentTask(Task):
         return {"arch": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 96}
 
     def sft_recipe(self) -> dict[str, Any]:
-        # ~3 epochs of the 4000 demonstrations, cosine-decayed learning rate.
-        return {"steps": 400, "batch_size": 32, "lr": 2e-3, "warmup_steps": 20, "lr_schedule": "cosine"}
+        # 2 epochs of 16000 demonstrations, cosine-decayed learning rate: ~1 min on 2 CPU cores.
+        # Measured (2026-11-22, 800 held-out samples per seed): grammatical rate 0.92-0.95 against
+        # 0.89-0.91 for 400 steps on 4000; more steps help further (the errors are long-range
+        # agreement slips, e.g. "was good and quite poorly filmed") but cost proportionally more.
+        return {"steps": 1000, "batch_size": 32, "lr": 4e-3, "warmup_steps": 20, "lr_schedule": "cosine"}
 
     def sft_task_options(self) -> dict[str, Any]:
         # SFT reads only the demonstrations: label options must not retrain it.
