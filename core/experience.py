@@ -203,9 +203,13 @@ class ActorCriticObjective(Objective):
         self.totals = {"truncated": 0.0, "empty_responses": 0.0, "samples": 0.0}
         self.last_metrics: dict[str, float] = {}
         self._collate = None
+        self._task = None
 
     def make_kl_controller(self):
         return FixedKLController(self.config.kl_coef)
+
+    def setup(self, policy, task) -> None:
+        self._task = task  # the pretraining mix reads its demonstrations
 
     def prepare(self, data, collate, reference) -> bool:
         self._collate = collate
@@ -234,10 +238,10 @@ class ActorCriticObjective(Objective):
     def _ptx_sampler(self, policy) -> Callable[[], SequenceBatch]:
         from rlhfzoo.trainer import TrainingError
 
-        task = getattr(policy, "task", None)
+        task = self._task if self._task is not None else getattr(policy, "task", None)
         demos = task.examples("demonstrations", split="train") if task is not None else []
         if not demos or self._collate is None:
-            raise TrainingError("ptx_coef > 0 needs the task's demonstrations (a policy with a `task`, and `prepare` called)")
+            raise TrainingError("ptx_coef > 0 needs the task's demonstrations (`setup(policy, task)` and `prepare` called)")
         size = self.config.ptx_batch_size
 
         def sample() -> SequenceBatch:

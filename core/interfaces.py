@@ -317,6 +317,11 @@ class Objective(Plugin, ABC):
         right evaluation (e.g. a reward model's pairwise accuracy); None: the default evaluation."""
         return None
 
+    def setup(self, policy: "Policy", task: "Task") -> None:
+        """Called once by the trainer with the policy to train and the task, before `prepare` and
+        before the optimizer is built: attach extra trainable modules to `policy.module` here
+        (ILQL's Q/V heads) so they are optimised and checkpointed with it."""
+
     def prepare(self, data: Sequence[Any], collate: Callable[[list], Any], reference: "Policy | None") -> bool:
         """Called once before training with the whole training set, a collate function taking
         a list of (row, example), and the reference policy. Offline objectives may cache

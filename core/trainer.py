@@ -182,6 +182,7 @@ class Trainer:
             raise TrainingError(f"algorithm {cfg.algorithm.entry.name!r} is online and needs `reward: {{name: ...}}`")
         self.collator = Collator(self.policy.tokenizer, max_length=getattr(self.policy.config, "max_length", 128))
         self.data = self._load_data()
+        self.objective.setup(self.policy, self.task)
         if self.objective.prepare(self.data, self.collator, self.reference):
             self.reference = None  # e.g. reference log-probs are cached: free the second model
         if self.reference is not None:

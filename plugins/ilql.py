@@ -26,8 +26,8 @@ with the `ilql` policy plugin below; beta = 0 is the base LM. The targets are up
 optimizer step, theta' <- (1 - alpha) theta' + alpha theta (`after_iteration`, which the trainer
 calls once per offline step, after the optimizer step).
 
-The heads are attached to the policy's module as `policy.module.ilql_heads` before the optimizer
-is built, so they are trained, checkpointed (`policy.save_weights`) and copied with it; the final
+The heads are attached to the policy's module as `policy.module.ilql_heads` by `setup`, before the
+optimizer is built, so they are trained, checkpointed (`policy.save_weights`) and copied with it; the final
 `policy.save(dir)` also writes `ilql_heads.safetensors` + `ilql_heads.json` beside the LM, which
 `{name: ilql, path: <run>/policy}` loads.
 """
@@ -35,7 +35,6 @@ is built, so they are trained, checkpointed (`policy.save_weights`) and copied w
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import os
@@ -311,24 +310,22 @@ class ILQL(Objective):
         self._heads = heads
         return heads
 
-    def prepare(self, data, collate, reference, policy: Any = None) -> bool:
+    def setup(self, policy: Any, task: Any) -> None:
+        self.attach(policy)  # before the optimizer is built, so the heads are trained
+
+    def prepare(self, data, collate, reference) -> bool:
         check_rewarded(data)
-        if policy is None:
-            policy = _caller_policy()
-        if policy is None:
-            raise RuntimeError(
-                "ilql: prepare() needs the policy to attach its Q/V heads before the optimizer is built "
-                "(call objective.attach(policy) first, or pass policy=... to prepare)"
-            )
-        self.attach(policy)
-        return True
+        return True  # ILQL needs no reference model: the trainer may free it
 
     # ---------------------------------------------------------------------------- loss
     def loss(self, batch, policy, reference=None) -> LossOutput:
         c = self.config
         heads = heads_of(policy)
         if heads is None:
-            heads = self.attach(policy)  # late attach (trainers without prepare(policy)): heads would not be optimised
+            raise RuntimeError(
+                "ilql: the policy has no Q/V heads; call objective.setup(policy, task) before building the optimizer "
+                "(rlhfzoo's Trainer does)"
+            )
         index = batch.index.tolist()
         if batch.rewards is None:
             raise ValueError(f"ilql: the batch (dataset rows {index}) has no rewards; ILQL trains on the 'rewarded' data kind")
@@ -395,23 +392,6 @@ class ILQL(Objective):
         figures = evaluate(self.decoder(policy), task, context.get("reward"), context.get("reference"), n, seed=context.get("seed", 0))
         figures["beta"] = float(self.config.beta)
         return figures
-
-
-def _caller_policy() -> Any:
-    """Bridge while `Objective.prepare` has no policy argument: the calling trainer's policy."""
-    frame = inspect.currentframe()
-    try:
-        f = frame.f_back
-        for _ in range(4):
-            if f is None:
-                break
-            owner = f.f_locals.get("self")
-            if owner is not None and type(owner).__name__ == "Trainer" and hasattr(owner, "policy"):
-                return owner.policy
-            f = f.f_back
-    finally:
-        del frame
-    return None
 
 
 # ------------------------------------------------------------------------------------ the decoding policy
