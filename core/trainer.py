@@ -169,6 +169,8 @@ class Trainer:
         self.micro_batch = per_rank
         self.out = Path(cfg.output_dir)
 
+        if self.train.num_threads:
+            torch.set_num_threads(self.train.num_threads)
         seed_everything(self.train.seed)
         self.task: Task = cfg.task.create()
         self.objective: Objective = cfg.algorithm.create()

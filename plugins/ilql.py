@@ -270,6 +270,9 @@ class ILQLConfig(PluginConfig):
     )
     beta: float = Field(1.0, ge=0, description="Decoding: advantage weight beta in log pi + beta (Q - V) for the final evaluation.")
     top_k: int = Field(0, ge=0, description="Decoding: sample among the k highest-scoring tokens (0: all).")
+    base_top_p: float = Field(
+        1.0, gt=0, le=1, description="Decoding: sample only within the base LM's nucleus of this mass (1: off); see the `ilql` policy."
+    )
     eval_prompts: int = Field(
         200, ge=0, description="Held-out prompts of the final ILQL-decoded evaluation when the trainer does not pass a count (0: none)."
     )
@@ -378,7 +381,10 @@ class ILQL(Objective):
 
     # ---------------------------------------------------------------------------- evaluation
     def decoder(self, policy: Any, beta: float | None = None, top_k: int | None = None) -> "ILQLPolicy":
-        return ILQLPolicy.wrap(policy, beta=self.config.beta if beta is None else beta, top_k=self.config.top_k if top_k is None else top_k)
+        c = self.config
+        return ILQLPolicy.wrap(
+            policy, beta=c.beta if beta is None else beta, top_k=c.top_k if top_k is None else top_k, base_top_p=c.base_top_p
+        )
 
     def inference_policy(self, policy: Any) -> Any:
         return self.decoder(policy) if heads_of(policy) is not None else policy
@@ -405,6 +411,20 @@ class ILQLPolicyConfig(HFPolicyConfig):
     )
     beta: float = Field(4.0, ge=0, description="Advantage weight: sample from log pi(a|s) + beta (Q(s,a) - V(s)); 0: the base LM.")
     top_k: int = Field(0, ge=0, description="Sample among the k tokens with the highest perturbed score (0: all).")
+    base_top_p: float = Field(
+        1.0, gt=0, le=1,
+        description="Support constraint: only tokens in the base LM's nucleus of this mass can be sampled, then "
+        "reweighted by the advantage (1: off). Keeps decoding where the data put Q's training signal; Q of "
+        "tokens the data never took is an extrapolation.",
+    )
+
+
+def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[..., V] bool: the smallest set of most likely tokens of softmax(scores) holding mass >= top_p."""
+    probs = scores.softmax(-1)
+    sorted_p, idx = probs.sort(-1, descending=True)
+    keep_sorted = sorted_p.cumsum(-1) - sorted_p < top_p  # the mass before this token is short of top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
 
 
 class ILQLPolicy(HFPolicy):
@@ -436,9 +456,9 @@ class ILQLPolicy(HFPolicy):
             self.module.ilql_heads = load_heads(path)
 
     @classmethod
-    def wrap(cls, policy: HFPolicy, beta: float, top_k: int = 0) -> "ILQLPolicy":
+    def wrap(cls, policy: HFPolicy, beta: float, top_k: int = 0, base_top_p: float = 1.0) -> "ILQLPolicy":
         """A decoding view of a trained policy (shares its module and tokenizer)."""
-        cfg = ILQLPolicyConfig(**{**policy.config.model_dump(), "beta": beta, "top_k": top_k})
+        cfg = ILQLPolicyConfig(**{**policy.config.model_dump(), "beta": beta, "top_k": top_k, "base_top_p": base_top_p})
         view = cls(cfg, task=policy.task, model=policy.module, tokenizer=policy.tokenizer)
         view.counters = policy.counters
         return view
@@ -461,9 +481,10 @@ class ILQLPolicy(HFPolicy):
         head = self.module.lm.get_output_embeddings()
         logits = F.linear(h, head.weight, head.bias).float()
         logp = torch.log_softmax(logits / cfg.temperature, -1)
-        if cfg.beta == 0:
-            return logp, logp
-        return logp + cfg.beta * self.heads.advantage(h).float(), logp
+        scores = logp if cfg.beta == 0 else logp + cfg.beta * self.heads.advantage(h).float()
+        if cfg.base_top_p < 1.0:
+            scores = scores.masked_fill(~nucleus(logp, cfg.base_top_p), float("-inf"))
+        return scores, logp
 
     @staticmethod
     def _filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -471,11 +492,7 @@ class ILQLPolicy(HFPolicy):
             kth = scores.topk(top_k, -1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if top_p < 1.0:
-            probs = scores.softmax(-1)
-            sorted_p, idx = probs.sort(-1, descending=True)
-            drop_sorted = sorted_p.cumsum(-1) - sorted_p >= top_p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
-            scores = scores.masked_fill(drop, float("-inf"))
+            scores = scores.masked_fill(~nucleus(scores, top_p), float("-inf"))
         return scores
 
     @torch.no_grad()

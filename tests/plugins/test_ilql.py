@@ -22,6 +22,7 @@ from rlhfzoo.plugins.ilql import (
     heads_of,
     ilql_terms,
     load_rewarded_jsonl,
+    nucleus,
     polyak_update,
 )
 from rlhfzoo.plugins.sentiment import SentimentTask
@@ -211,6 +212,29 @@ def test_top_k_keeps_k_tokens():
     assert (torch.isfinite(dists).sum(-1) == 3).all()
 
 
+def test_nucleus_hand_computed():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.97, 0.01, 0.01, 0.01]])
+    assert nucleus(probs.log(), 0.8).tolist() == [[True, False, True, False], [True, False, False, False]]
+    assert nucleus(probs.log(), 0.81).tolist()[0] == [True, False, True, True]
+    assert nucleus(probs.log(), 1.0).all()
+
+
+def test_base_top_p_samples_only_inside_the_base_nucleus():
+    """The support constraint filters on the base LM's probabilities, not on the perturbed scores:
+    however large the advantage of a token outside the base nucleus, it is never sampled."""
+    dec, policy = _tiny_ilql(50.0)
+    dec.config = dec.config.model_copy(update={"base_top_p": 0.5})
+    ids, attn = dec.encode_prompts(["the movie was"], dec.config)
+    _, dists = dec.decode(ids, attn, dec.config, forced=torch.tensor([[5, 6]]))
+    with torch.no_grad():
+        h = policy.module.lm.base_model(input_ids=ids).last_hidden_state[:, -1]
+        base = torch.log_softmax(policy.module.lm.get_output_embeddings()(h).float(), -1)
+    allowed = nucleus(base, 0.5)[0]
+    finite = torch.isfinite(dists[0, 0])
+    assert finite.any() and (finite == allowed).all()
+    assert allowed.sum() < allowed.numel()
+
+
 def test_generate_and_evaluate_with_the_decoder():
     dec, policy = _tiny_ilql(1.0)
     ro = dec.generate(["the movie was", "an awful"])
@@ -299,8 +323,10 @@ def test_run_saves_heads_and_the_ilql_policy_loads_them(tmp_path):
 @pytest.mark.learning
 @pytest.mark.xfail(
     strict=False,
-    reason="measured: ILQL decoding improves on SFT by only ~1-1.5 SE on this budget (defaults: -0.106±0.038 vs SFT -0.123±0.038); "
-    "the > 3 SE bar is not met yet",
+    reason="measured 2026-11-22 (200 prompts): defaults give ILQL -0.065±0.034 (beta 1) vs SFT -0.049±0.035; of the settings "
+    "tried (target rate 0.05-0.5, CQL 0.1-1, 100-300 steps, MLP heads, trunk training, base_top_p 0.9) one reached "
+    "+0.18±0.02 (target rate 0.5, CQL 1, beta 16, seed 0) but seeds 1 and 2 of the same setting collapsed (-0.8); the "
+    "learned advantages do not track word sentiment. The > 3 SE bar is not met",
 )
 def test_ilql_decoding_beats_sft_on_sentiment(tmp_path):
     torch.set_num_threads(2)
