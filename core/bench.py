@@ -9,6 +9,13 @@ prompts with the same sampling seed. Names go through the registry, so an instal
 third-party objective joins the table by being named. Policies (e.g. `best-of-n`) are
 benchmarked without training; `sft` is the baseline every row is compared with.
 
+Without `--algorithms`, every built-in contender runs -- except on a task without a gold reward
+(e.g. `hh-rlhf`, human labels only), where sampled responses cannot be scored: there the
+defaults are the built-in offline objectives whose data kind the task provides, plus the reward
+model (`bradley-terry`), and rows are compared by their accuracy on the task's held-out
+preference pairs ("pair acc.": the implicit reward log pi/pi_ref of DPO/IPO-style objectives,
+the reward model's score for reward models).
+
 Each run executes in its own process (`python -m rlhfzoo.bench --worker SPEC`), so a crash is
 contained (its row is marked failed), its peak memory is its own, and Ctrl-C leaves every
 finished run intact. A run is finished when its directory holds `result.json`; a second
@@ -99,7 +106,8 @@ def plan(args) -> list[RunSpec]:
     policy = base.get("policy") or {"name": "hf", "init": "sft"}
     reward = base.get("reward") or (default_reward(task["name"]) if not args.reward else {"name": args.reward})
     train_base = base.get("train", {})
-    names = resolve_names([n.strip() for n in args.algorithms.split(",") if n.strip()])
+    algorithms = args.algorithms if args.algorithms is not None else ",".join(default_algorithms(task))
+    names = resolve_names([n.strip() for n in algorithms.split(",") if n.strip()])
     sweep_key, sweep_values = parse_sweep(args.sweep)
     out = Path(args.out)
     specs: list[RunSpec] = []
@@ -161,7 +169,7 @@ def worker(spec_path: str) -> int:
         trainer = Trainer(cfg, log=lambda *_: None)
         summary = trainer.fit(overwrite=True)
         policy, task, reward = trainer.objective.inference_policy(trainer.policy), trainer.task, trainer.reward
-        reference = trainer._reference_for_eval() or cfg.policy.create(task=task).frozen_copy()
+        reference = (trainer._reference_for_eval() or cfg.policy.create(task=task).frozen_copy()) if trainer.objective.trains_policy else None
         result["budget"] = {
             "optimizer_steps": cfg.train.steps,
             "batch_size": cfg.train.batch_size,
@@ -178,24 +186,28 @@ def worker(spec_path: str) -> int:
         task = cfg.task.create()
         policy = cfg.policy.create(task=task)
         reward = cfg.reward.create(task=task) if cfg.reward else None
-        base = registry.get("policy", "hf").cls(registry.get("policy", "hf").cls.Config(init="sft"), task=task)
-        reference = base.frozen_copy()
+        # KL from the policy every trained row starts from (the bench's `policy` section, by default
+        # the task's SFT policy): the row's own policy, or the base it samples from (best-of-n).
+        reference = getattr(policy, "base", policy).frozen_copy()
         result["train_seconds"] = 0.0
 
-    prompts = task.eval_prompts()[: spec.eval_prompts]
     eval_start = time.time()
-    rollouts = sample(policy, prompts, seed=10_000 + spec.seed)
-    responses = [r for ro in rollouts for r in ro.responses]
-    record: dict[str, Any] = {"prompts": prompts, "responses": responses}
-    if task.has_gold_reward:
-        record["gold"] = task.gold_reward(prompts, responses).tolist()
-    if reward is not None and cfg.reward is not None and cfg.reward.entry.name != "gold":
-        record["proxy"] = reward.score(prompts, responses).tolist()
-    analytic = getattr(policy, "analytic_kl", None)
-    if callable(analytic):
-        record["kl"] = [float(analytic())] * len(responses)
-    else:
-        record["kl"] = torch.cat([sequence_kl(policy, reference, ro) for ro in rollouts]).tolist()
+    rollouts: list = []
+    record: dict[str, Any] = {"prompts": [], "responses": []}
+    if spec.kind == "policy" or trainer.objective.trains_policy:  # reward models: only their `objective_eval`
+        prompts = task.eval_prompts()[: spec.eval_prompts]
+        rollouts = sample(policy, prompts, seed=10_000 + spec.seed)
+        responses = [r for ro in rollouts for r in ro.responses]
+        record = {"prompts": prompts, "responses": responses}
+        if task.has_gold_reward:
+            record["gold"] = task.gold_reward(prompts, responses).tolist()
+        if reward is not None and cfg.reward is not None and cfg.reward.entry.name != "gold":
+            record["proxy"] = reward.score(prompts, responses).tolist()
+        analytic = getattr(policy, "analytic_kl", None)
+        if callable(analytic):
+            record["kl"] = [float(analytic())] * len(responses)
+        else:
+            record["kl"] = torch.cat([sequence_kl(policy, reference, ro) for ro in rollouts]).tolist()
     if spec.kind == "policy":  # inference-time methods: their budget is the evaluation itself
         reward_calls = getattr(policy, "counters", {}).get("reward_calls", 0)
         result["budget"] = {"optimizer_steps": 0, "batch_size": 0, "reward_calls": reward_calls, **getattr(policy, "counters", {})}
@@ -323,6 +335,12 @@ def aggregate(specs: list[RunSpec], results: list[dict[str, Any]]) -> list[dict[
                 m, se, ci = mean_ci(vals)
                 within = [_se(records[(label, s.seed)][key]) for s, _ in ok if key in records.get((label, s.seed), {})]
                 row[key] = {"mean": m, "seed_se": se, "ci95": ci, "per_seed": vals, "prompt_se": sum(within) / len(within)}
+        accuracies = [(acc, n) for acc, n in (pair_accuracy(r.get("objective_eval") or {}) for _, r in ok) if acc is not None]
+        if accuracies:
+            m, se, ci = mean_ci([a for a, _ in accuracies])
+            within = [math.sqrt(a * (1 - a) / n) if n else float("nan") for a, n in accuracies]  # binomial SE over pairs
+            per_seed = [a for a, _ in accuracies]
+            row["pair_accuracy"] = {"mean": m, "seed_se": se, "ci95": ci, "per_seed": per_seed, "pair_se": sum(within) / len(within)}
         if label != BASELINE and (label, BASELINE) in wins:
             row["win_rate_vs_sft"] = wins[(label, BASELINE)]
         row["elo"] = elo.get(label)
@@ -337,8 +355,24 @@ def aggregate(specs: list[RunSpec], results: list[dict[str, Any]]) -> list[dict[
         if objective_evals:
             row["objective_eval"] = objective_evals[0] if len(objective_evals) == 1 else objective_evals
         rows.append(row)
-    rows.sort(key=lambda r: -(r.get("gold", {}).get("mean", -1e9) if r.get("gold") else (r.get("elo") or -1e9)))
+    if any(r.get("gold") for r in rows):
+        rows.sort(key=lambda r: -(r.get("gold", {}).get("mean", -1e9) if r.get("gold") else (r.get("elo") or -1e9)))
+    else:  # no gold reward (e.g. hh-rlhf): held-out pair accuracy, then Elo; rows without either last
+        rows.sort(key=lambda r: (-(r["pair_accuracy"]["mean"] if r.get("pair_accuracy") else -1e9), -(r.get("elo") or -1e9)))
     return rows
+
+
+PAIR_ACCURACY_KEYS = ("implicit_reward_accuracy", "accuracy")  # policy objectives; reward models (evaluate_reward_model)
+
+
+def pair_accuracy(objective_eval: dict[str, Any]) -> tuple[float | None, float]:
+    """(accuracy on the task's held-out preference pairs, number of pairs) from a run's
+    `objective_eval`: the implicit reward's for policy objectives, the score's for reward models."""
+    for key, n_key in zip(PAIR_ACCURACY_KEYS, ("implicit_reward_pairs", "n_pairs")):
+        value = objective_eval.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value), float(objective_eval.get(n_key, 0))
+    return None, 0.0
 
 
 def _se(values: list[float]) -> float:
@@ -356,7 +390,7 @@ def fmt(stat: dict | None, digits: int = 3) -> str:
     if not stat:
         return "–"
     m, ci = stat["mean"], stat.get("ci95", float("nan"))
-    spread = ci if not math.isnan(ci) else 1.96 * stat.get("prompt_se", float("nan"))
+    spread = ci if not math.isnan(ci) else 1.96 * stat.get("prompt_se", stat.get("pair_se", float("nan")))
     return f"{m:.{digits}f} ± {spread:.{digits}f}" if not math.isnan(spread) else f"{m:.{digits}f}"
 
 
@@ -367,10 +401,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['date']}, {meta['machine']}; command: `{meta['command']}`",
         "",
         "Gold, proxy and KL: mean over seeds ± 95 % CI (one seed: ± 1.96 prompt-level SE). Win rate: share of held-out "
-        "prompts whose gold reward beats the SFT policy's response (ties half). Elo: Bradley–Terry fit of all pairwise gold win rates.",
+        "prompts whose gold reward beats the SFT policy's response (ties half). Elo: Bradley–Terry fit of all pairwise gold win rates. "
+        "Pair acc.: share of the task's held-out preference pairs ordered as labelled (ties half) by the implicit reward "
+        "log pi/pi_ref (preference objectives) or the reward model's score, mean over seeds ± 95 % CI (one seed: ± 1.96 pair-level SE).",
         "",
-        "| algorithm | gold | proxy | KL | win vs SFT | Elo | optimizer steps | generated tokens | RM calls | train s | peak MiB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| algorithm | gold | proxy | KL | pair acc. | win vs SFT | Elo | optimizer steps | generated tokens | RM calls | train s | peak MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = r.get("budget", {})
@@ -379,7 +415,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ts = f"{r['train_seconds']['mean']:.0f}" if "train_seconds" in r else "–"
         mem = f"{r['peak_rss_mb']['mean']:.0f}" if "peak_rss_mb" in r else "–"
         lines.append(
-            f"| {r['algorithm']} | {fmt(r.get('gold'))} | {fmt(r.get('proxy'))} | {fmt(r.get('kl'), 2)} | {wr} | {elo} | "
+            f"| {r['algorithm']} | {fmt(r.get('gold'))} | {fmt(r.get('proxy'))} | {fmt(r.get('kl'), 2)} | {fmt(r.get('pair_accuracy'))} | {wr} | {elo} | "
             f"{b.get('optimizer_steps', 0):.0f} | {b.get('generated_tokens', 0):.0f} | {b.get('reward_calls', 0):.0f} | {ts} | {mem} | {r['status']} |"
         )
     failed = [r for r in rows if r.get("errors")]
@@ -409,7 +445,10 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("held-out gold reward")
     ax.set_title("Gold reward against KL (over-optimisation frontier)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if groups:
+        ax.legend(fontsize=8)
+    else:  # e.g. hh-rlhf: human labels, no gold reward to plot
+        ax.text(0.5, 0.5, "no gold reward on this task", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -446,7 +485,8 @@ def plot_curves(specs: list[RunSpec], results: list[dict], path: Path) -> None:
         ax.set_ylabel(f"held-out {key} reward")
         ax.set_title(f"{key} reward during training")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -475,7 +515,12 @@ def machine() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhfzoo bench", description="Run algorithms head to head on equal footing.")
     p.add_argument("--task", default="sentiment", help="registered task (default: sentiment)")
-    p.add_argument("--algorithms", default=None, help="comma-separated objective or policy names (default: all built-ins)")
+    p.add_argument(
+        "--algorithms",
+        default=None,
+        help="comma-separated objective or policy names (default: all built-ins; on a task without a gold reward, "
+        "e.g. hh-rlhf: the built-in offline objectives whose data the task provides, plus bradley-terry)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (default: 3)")
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
     p.add_argument("--config", help="YAML with task/policy/reward/train sections shared by every run")
@@ -499,6 +544,28 @@ def builtin_algorithms() -> list[str]:
     ]
 
 
+def default_algorithms(task: dict[str, Any]) -> list[str]:
+    """What runs without `--algorithms`: every built-in contender; on a task without a gold reward
+    (its sampled responses cannot be scored), the built-in offline objectives whose data kind the
+    task provides, plus the reward model (`bradley-terry`), all compared by held-out pair accuracy."""
+    instance = registry.create("task", task["name"], {k: v for k, v in task.items() if k != "name"})
+    if instance.has_gold_reward:
+        return builtin_algorithms()
+
+    def provides(kind: str) -> bool:
+        try:
+            return bool(instance.examples(kind, split="train"))
+        except (ValueError, KeyError, NotImplementedError):
+            return False
+
+    offline = [
+        e.name
+        for e in registry.entries("objective")
+        if e.package == "rlhfzoo" and e.cls.benchmark and not e.cls.online and provides(e.cls.data_kind)
+    ]
+    return offline + [n for n in ("bradley-terry",) if n not in offline]
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
@@ -507,8 +574,6 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args.worker)
     if args.quick:
         args.seeds, args.eval_prompts = 1, min(args.eval_prompts, 100)
-    if args.algorithms is None:
-        args.algorithms = ",".join(builtin_algorithms())
     out = Path(args.out)
     specs = plan(args)  # every name resolved and every config built before anything runs
     out.mkdir(parents=True, exist_ok=True)

@@ -292,6 +292,9 @@ class Objective(Plugin, ABC):
     # Whether `rlhfzoo bench` includes it by default (stages such as SFT and reward-model
     # training set this to False).
     benchmark: ClassVar[bool] = True
+    # False for objectives whose output is a scorer rather than a policy to sample from (reward
+    # models): `rlhfzoo bench` then reports their held-out figures (`evaluate`) without sampling.
+    trains_policy: ClassVar[bool] = True
     # Online objectives that compare several samples of one prompt (rejection sampling) get
     # this many rollouts per prompt from the trainer.
     samples_per_prompt: ClassVar[int] = 1

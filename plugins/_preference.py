@@ -8,7 +8,11 @@ Not a plugin (it registers nothing). It holds what the three losses have in comm
 * `PairedObjective`: the DPO/IPO skeleton -- chosen/rejected log-ratios of a batch of pairs,
   with degenerate pairs (chosen == rejected) masked out -- leaving the loss formula to the
   subclass;
-* the per-step metrics (plain floats): implicit rewards, reward accuracy and margin, KL.
+* the per-step metrics (plain floats): implicit rewards, reward accuracy and margin, KL;
+* `ImplicitRewardEvaluation` (a base of `PairedObjective`): the end-of-run evaluation -- the
+  default sampling evaluation plus the implicit reward's accuracy on the task's held-out pairs
+  (`implicit_reward_figures`), the preference objectives' counterpart of a reward model's
+  pairwise accuracy.
 
 LoRA adapters as the reference (peft's "disable the adapter to get pi_ref") are not
 implemented: the reference is always a frozen copy of the initial policy, or its cached
@@ -22,7 +26,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfzoo.interfaces import Batch, LossOutput, Objective, Policy, SequenceBatch
+from rlhfzoo.data.collate import Collator
+from rlhfzoo.evaluation import evaluate as sampling_evaluation
+from rlhfzoo.interfaces import Batch, LossOutput, Objective, Policy, SequenceBatch, Task
 
 # ------------------------------------------------------------------------------ small helpers
 
@@ -136,10 +142,75 @@ def _text_length(example: Any) -> int:
     return sum(len(v) for v in vars(example).values() if isinstance(v, str)) if hasattr(example, "__dict__") else 0
 
 
+# ------------------------------------------------------------------------------ held-out evaluation
+
+# Held-out pairs scored at the end of a run: the reward models' default `eval_examples`, so that in a
+# benchmark the implicit-reward and reward-model accuracies are measured on the same pairs.
+EVAL_PAIRS = 2000
+
+
+@torch.no_grad()
+def implicit_reward_figures(
+    policy: Policy, reference: Policy, pairs: Sequence[Any], average: bool = False, max_length: int = 128, batch_size: int = 32
+) -> dict[str, float]:
+    """How well the implicit reward log pi/pi_ref orders held-out preference pairs (x, y_w, y_l):
+
+        h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+        implicit_reward_accuracy = mean over pairs of 1[h > 0] + 1/2 1[h = 0]     (ties count half)
+        implicit_reward_margin   = mean over pairs of h                          (nats, not times beta)
+
+    Log-probs are summed over the response tokens (or averaged, `average`), as the objective
+    trains them; the sign of h, hence the accuracy, does not depend on DPO's beta.
+    """
+    collate = Collator(policy.tokenizer, max_length=max_length)
+    module = policy.module
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    order = sorted(pairs, key=_text_length)  # similar lengths together (both figures ignore the order)
+    diffs = []
+    try:
+        for k in range(0, len(order), batch_size):
+            batch = collate(list(enumerate(order[k : k + batch_size]))).to(device)
+            both = concat(batch.sequences, batch.rejected)
+            ratio = policy.sequence_logprobs(both, average=average).float() - reference_logprobs(reference, both, average)
+            diffs.append((ratio[: len(batch)] - ratio[len(batch) :]).cpu())
+    finally:
+        module.train(was_training)
+    h = torch.cat(diffs).double()
+    return {
+        "implicit_reward_accuracy": ((h > 0).double() + 0.5 * (h == 0).double()).mean().item(),
+        "implicit_reward_margin": h.mean().item(),
+        "implicit_reward_pairs": float(len(h)),
+    }
+
+
+class ImplicitRewardEvaluation:
+    """`Objective.evaluate` for objectives whose implicit reward is (a multiple of) log pi/pi_ref --
+    DPO and IPO through `PairedObjective`; KTO's is the same and can list this class as a base:
+    the default sampling evaluation plus `implicit_reward_figures` on the task's held-out pairs
+    (at most `EVAL_PAIRS`), skipped when there is no reference or the task has no pairs."""
+
+    def evaluate(self, policy: Policy, task: Task, **context: Any) -> dict[str, float]:
+        reference = context.get("reference")
+        figures = sampling_evaluation(
+            policy, task, context.get("reward"), reference, context.get("n_prompts", 64), seed=context.get("seed", 0)
+        )
+        try:
+            pairs = task.examples("pairs", split="test")[:EVAL_PAIRS]
+        except (ValueError, KeyError, NotImplementedError):  # the task has no preference pairs
+            pairs = []
+        if reference is not None and pairs:
+            average = getattr(self.config, "average_logprobs", False)
+            max_length = getattr(policy.config, "max_length", 128)  # as the trainer's collator
+            figures.update(implicit_reward_figures(policy, reference, pairs, average, max_length))
+        return figures
+
+
 # ------------------------------------------------------------------------------ pairwise objectives
 
 
-class PairedObjective(Objective):
+class PairedObjective(ImplicitRewardEvaluation, Objective):
     """Skeleton of a pairwise offline objective (DPO, IPO): reference handling, masking and metrics.
 
     The subclass sets `Config` (with `average_logprobs`, `reference`, `reference_batch_size`),

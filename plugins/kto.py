@@ -41,7 +41,7 @@ from pydantic import Field
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, UnpairedExample
-from rlhfzoo.plugins._preference import ReferenceCache, masked_mean, reference_logprobs, response_tokens
+from rlhfzoo.plugins._preference import ImplicitRewardEvaluation, ReferenceCache, masked_mean, reference_logprobs, response_tokens
 
 RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)  # w_d n_d / (w_u n_u), Sec. 4.2 of arXiv:2402.01306
 
@@ -70,7 +70,7 @@ def kto_loss(
     return torch.where(desirable.bool(), desirable_loss, undesirable_loss)
 
 
-class KTO(Objective):
+class KTO(ImplicitRewardEvaluation, Objective):
     name = "kto"
     summary = "Kahneman-Tversky Optimization: prospect-theoretic loss on single desirable/undesirable responses, reference point z0 = KL(pi||pi_ref)."
     paper = "Ethayarajh et al. 2024, arXiv:2402.01306"

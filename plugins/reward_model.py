@@ -148,6 +148,7 @@ class BradleyTerry(Objective):
     paper = "Ouyang et al. 2022, arXiv:2203.02155 Eq. 1; Touvron et al. 2023, arXiv:2307.09288 Eq. 2; Song et al. 2023, arXiv:2305.17608"
     data_kind = "pairs"
     needs_value_head = True
+    trains_policy = False
     Config = BradleyTerryConfig
 
     def __init__(self, config=None):
@@ -196,6 +197,7 @@ class RewardRegression(Objective):
     paper = "Ouyang et al. 2022, arXiv:2203.02155 (reward model); regression on ratings"
     data_kind = "rewarded"
     needs_value_head = True
+    trains_policy = False
 
     class Config(PluginConfig):
         eval_examples: int = Field(2000, ge=1, description="Held-out rated examples (and pairs, where the task has them) scored at the end.")

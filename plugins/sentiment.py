@@ -443,7 +443,7 @@ class SentimentTask(Task):
             10, ge=2, description="SFT samples per prompt from which labelled data is derived."
         )
         label_noise: float = Field(
-            0.5, ge=0, description="Bradley-Terry temperature of the simulated annotator: P(a > b) = "
+            0.4, ge=0, description="Bradley-Terry temperature of the simulated annotator: P(a > b) = "
             "sigmoid((gold_a - gold_b) / label_noise); 0 labels by the gold ordering exactly.")
         significant_gap: float = Field(
             0.5, ge=0, description="Gold gap from which a pair is 'significantly better' (margin 1.0)."

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from rlhfzoo.bench import builtin_algorithms, default_algorithms, markdown, pair_accuracy
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "rlhfzoo-slic"
 RLHFZOO = str(Path(sys.executable).parent / "rlhfzoo")
 ROW_FIELDS = {"algorithm", "name", "kind", "seeds", "seeds_ok", "status", "gold", "kl", "elo", "wall_seconds", "peak_rss_mb", "budget"}
+SHARED_HH = (REPO / ".." / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz").resolve()
+HH_TASK = {"path": str(SHARED_HH), "max_pairs": 48, "test_fraction": 0.25, "max_chars": 300}
 TINY = ["--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "train.eval_every=1", "--eval-prompts", "24"]
 
 
@@ -79,3 +83,64 @@ def test_crashing_algorithm_is_marked_failed_and_others_finish(env, tmp_path):
     rows = {row["algorithm"]: row for row in json.loads((out / "leaderboard.json").read_text())["rows"]}
     assert rows["kto"]["status"] == "failed" and rows["kto"]["errors"]
     assert rows["slic-hf"]["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------- a task without a gold reward (hh-rlhf)
+
+
+def test_default_algorithms_without_a_gold_reward_are_the_offline_ones_and_the_reward_model():
+    assert default_algorithms({"name": "hh-rlhf", **HH_TASK}) == ["bradley-terry", "dpo", "ipo", "kto"]
+    assert default_algorithms({"name": "sentiment"}) == builtin_algorithms()  # gold reward: every contender
+
+
+def test_pair_accuracy_and_markdown_without_gold():
+    assert pair_accuracy({"implicit_reward_accuracy": 0.75, "implicit_reward_pairs": 8.0, "kl": 0.1}) == (0.75, 8.0)
+    assert pair_accuracy({"accuracy": 0.6, "n_pairs": 10.0}) == (0.6, 10.0)
+    assert pair_accuracy({"gold": 0.3}) == (None, 0.0)
+    rows = [
+        {"algorithm": "dpo", "status": "ok", "pair_accuracy": {"mean": 0.75, "ci95": float("nan"), "pair_se": 0.1}, "elo": None},
+        {"algorithm": "sft-baseline", "status": "ok", "kl": {"mean": 0.0, "ci95": float("nan"), "prompt_se": 0.0}, "elo": None},
+    ]
+    md = markdown(rows, {"task": "hh-rlhf", "date": "today", "machine": "here", "command": "rlhfzoo bench --task hh-rlhf"})
+    assert "| pair acc. |" in md
+    assert "| dpo | – | – | – | 0.750 ± 0.196 | – | – |" in md
+    assert "| sft-baseline | – | – | 0.00 ± 0.00 | – |" in md
+
+
+@pytest.mark.slow
+def test_bench_hh_reports_pair_accuracy(tmp_path):
+    """`--task hh-rlhf` end to end, kept small without touching the library: the task reads a
+    48-pair slice of the shared sample, every policy starts from a tiny scratch model (no SFT
+    stage), and the baseline's proxy reward is a reward model trained here for two steps (no
+    reward-model stage)."""
+    from rlhfzoo.config import load_config
+    from rlhfzoo.testing import TINY_POLICY
+    from rlhfzoo.trainer import Trainer
+
+    rm = tmp_path / "rm"
+    Trainer(load_config(data={
+        "task": {"name": "hh-rlhf", **HH_TASK}, "policy": dict(TINY_POLICY), "algorithm": {"name": "bradley-terry"},
+        "train": {"steps": 2, "batch_size": 4, "eval_prompts": 0, "progress": False}, "output_dir": str(rm),
+    }), log=lambda *_: None).fit()
+    sets = [f"task.{k}={v}" for k, v in HH_TASK.items()] + [f"policy.{k}={v}" for k, v in TINY_POLICY.items()]
+    sets += ["reward.name=reward-model", f"reward.path={rm / 'policy'}", "train.steps=2", "train.batch_size=4"]
+    out = tmp_path / "bench"
+    args = ["--task", "hh-rlhf", "--algorithms", "dpo,bradley-terry", "--seeds", "1", "--eval-prompts", "8", "--out", str(out)]
+    r = bench(*args, *[x for s in sets for x in ("--set", s)], env=dict(os.environ))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert [row["algorithm"] for row in rows][-1] == "sft-baseline"  # no pair accuracy: sorted last
+    rows = {row["algorithm"]: row for row in rows}
+    assert set(rows) == {"sft-baseline", "dpo", "bradley-terry"}
+    for name in ("dpo", "bradley-terry"):
+        row = rows[name]
+        assert row["status"] == "ok" and "gold" not in row
+        assert 0.0 <= row["pair_accuracy"]["mean"] <= 1.0 and len(row["pair_accuracy"]["per_seed"]) == 1
+    assert rows["dpo"]["objective_eval"]["implicit_reward_pairs"] == 12  # the held-out pairs: 25 % of 48
+    assert rows["bradley-terry"]["objective_eval"]["n_pairs"] == 12
+    assert "kl" not in rows["bradley-terry"] and "kl" in rows["dpo"]  # a reward model is scored, not sampled
+    assert "pair_accuracy" not in rows["sft-baseline"]
+    assert rows["sft-baseline"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-4)  # its reference is its own start
+    md = (out / "leaderboard.md").read_text()
+    assert "pair acc." in md and "| dpo | – |" in md
