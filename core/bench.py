@@ -19,7 +19,7 @@ the reward model's score for reward models).
 Each run executes in its own process (`python -m rlhfzoo.bench --worker SPEC`), so a crash is
 contained (its row is marked failed), its peak memory is its own, and Ctrl-C leaves every
 finished run intact. A run is finished when its directory holds `result.json`; a second
-invocation reuses finished runs (`--force` reruns them).
+invocation reuses finished runs made from the same spec (a changed config reruns; `--force` reruns all).
 
 Outputs in --out: leaderboard.json, leaderboard.md, frontier.png (gold vs KL), curves.png (gold
 and proxy reward during training), runs/<algorithm>/seed-<s>/{config.yaml, result.json,
@@ -131,7 +131,8 @@ def plan(args) -> list[RunSpec]:
                     train = {**DEFAULT_TRAIN, **entry.cls.train_defaults, **train_base}
                     train.update(seed=seed, eval_prompts=args.eval_prompts, progress=False)
                     train.setdefault("eval_every", max(1, train["steps"] // 4))
-                    cfg = {"task": task, "policy": policy, "algorithm": {"name": name}, "train": train, "output_dir": str(d / "train")}
+                    algorithm = {"name": name, **entry.cls.algorithm_defaults}
+                    cfg = {"task": task, "policy": policy, "algorithm": algorithm, "train": train, "output_dir": str(d / "train")}
                     if entry.cls.online or entry.cls.needs_reward:
                         cfg["reward"] = reward
                     cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in variant.items()])
@@ -229,10 +230,18 @@ def worker(spec_path: str) -> int:
 # ------------------------------------------------------------------------------------ running
 
 
+def same_spec(path: Path, spec: RunSpec) -> bool:
+    """Whether a finished run was made from this very spec (a changed config or budget reruns it)."""
+    try:
+        return json.loads(path.read_text()) == json.loads(json.dumps(asdict(spec)))
+    except (OSError, ValueError):
+        return False
+
+
 def execute(spec: RunSpec, force: bool) -> dict[str, Any]:
     d = Path(spec.directory)
     done = d / "result.json"
-    if done.exists() and not force:
+    if done.exists() and not force and same_spec(d / "spec.json", spec):
         result = json.loads(done.read_text())
         if result.get("status") == "ok":
             result["reused"] = True

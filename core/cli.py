@@ -155,6 +155,11 @@ def cmd_train(args) -> int:
         ev = summary.get("eval", {})
         figures = ", ".join(f"{k}={v:.4g}" for k, v in ev.items())
         print(f"finished {summary['step']} steps -> {cfg.output_dir}/policy" + (f"\nheld-out: {figures}" if figures else ""))
+        from rlhfzoo import stages
+
+        if summary.get("eval") and stages.is_sft_stage(cfg):  # e.g. configs/sft.yaml: becomes the cached SFT stage
+            path = stages.adopt_sft_run(cfg, Path(cfg.output_dir) / "policy", summary["eval"], log=None)
+            print(f"this run is the SFT stage of task {cfg.task.entry.name!r}; cached at {path} (every `init: sft` run starts from it)")
     else:
         print(f"stopped at step {summary['step']} (train.stop_after); continue with --resume")
     return 0

@@ -289,6 +289,9 @@ class Objective(Plugin, ABC):
     # Recommended `train:` settings (TrainConfig fields) for this objective on the embedded task:
     # the budget `rlhfzoo bench` gives it, stated in optimizer steps and batch size.
     train_defaults: ClassVar[dict[str, Any]] = {}
+    # Algorithm options the benchmark (and configs/<name>.yaml) use on the embedded task where
+    # they differ from the Config defaults (which follow the paper), e.g. DPO's beta.
+    algorithm_defaults: ClassVar[dict[str, Any]] = {}
     # Whether `rlhfzoo bench` includes it by default (stages such as SFT and reward-model
     # training set this to False).
     benchmark: ClassVar[bool] = True

@@ -6,6 +6,7 @@ done once per machine."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +47,39 @@ def sft_policy_path(task: Any, log=print) -> Path:
             log(f"[rlhfzoo] SFT policy for {task.name!r}: " + ", ".join(f"{k}={v:.3f}" for k, v in report.items()))
 
     return artifact("sft", data, build, log=log) / "run" / "policy"
+
+
+# Train settings that change the SFT weights (the rest only change logging, checkpoints, the final evaluation).
+WEIGHT_FIELDS = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_schedule",
+                 "max_grad_norm", "mixed_precision", "seed", "eval_every")  # eval_every: sampling mid-run draws random numbers
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p")
+
+
+def is_sft_stage(cfg: Any) -> bool:
+    """Whether a resolved run config trains exactly its task's SFT stage (the stage's model,
+    objective and weight-relevant train settings), so its result can serve as the stage."""
+    from rlhfzoo.config import load_config
+
+    if cfg.algorithm.entry.name != "sft" or cfg.policy.entry.name != "hf":
+        return False
+    task = cfg.task.create()
+    stage = load_config(data={**sft_run_data(task), "output_dir": "unused"})
+    policy = {k: v for k, v in cfg.policy.to_dict().items() if k not in SAMPLING_FIELDS}
+    stage_policy = {k: v for k, v in stage.policy.to_dict().items() if k not in SAMPLING_FIELDS}
+    train, stage_train = cfg.train.model_dump(), stage.train.model_dump()
+    return policy == stage_policy and all(train[k] == stage_train[k] for k in WEIGHT_FIELDS)
+
+
+def adopt_sft_run(cfg: Any, policy_dir: Path, report: dict[str, Any], log=print) -> Path:
+    """Cache a finished `rlhfzoo train configs/sft.yaml` run as the task's SFT stage (when none is
+    cached yet), so every `init: sft` run starts from it; returns the stage's policy directory."""
+    task = cfg.task.create()
+
+    def build(tmp: Path) -> None:
+        shutil.copytree(policy_dir, tmp / "run" / "policy")
+        (tmp / "run" / "policy" / "sft_report.json").write_text(json.dumps(report, indent=1))
+
+    return artifact("sft", sft_run_data(task), build, log=log) / "run" / "policy"
 
 
 def sft_samples(task: Any, prompts: Sequence[str], n_per_prompt: int, seed: int = 0, log=print) -> list[list[str]]:

@@ -500,7 +500,8 @@ class ILQLPolicy(HFPolicy):
         """Token-by-token decoding with the base LM's KV cache from left-padded prompts.
 
         Returns (generated tokens [B, L], per-step normalised perturbed log-probs [B, L, V]
-        when `forced` is given (teacher forcing, for tests) else None)."""
+        when `forced` is given (teacher forcing, for tests) else None, and the log-prob of each
+        generated token under the distribution it was drawn from [B, L])."""
         lm = self.module.lm
         device = next(lm.parameters()).device
         ids, attn = ids.to(device), attn.to(device)
@@ -510,15 +511,16 @@ class ILQLPolicy(HFPolicy):
         out = lm.base_model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True)
         past, h = out.past_key_values, out.last_hidden_state[:, -1]
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-        tokens, dists = [], []
+        tokens, dists, chosen = [], [], []
         for t in range(steps):
             scores, _ = self._scores(h, cfg)
-            scores = self._filter(scores, cfg.top_k, cfg.top_p)
+            logp = torch.log_softmax(self._filter(scores, cfg.top_k, cfg.top_p), -1)
             if forced is not None:
-                dists.append(torch.log_softmax(scores, -1))
+                dists.append(logp)
                 nxt = forced[:, t].to(device)
             else:
-                nxt = torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+                nxt = torch.multinomial(logp.exp(), 1).squeeze(-1)
+            chosen.append(logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(finished, 0.0))
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             tokens.append(nxt)
             finished |= nxt == eos
@@ -529,7 +531,7 @@ class ILQLPolicy(HFPolicy):
             out = lm.base_model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
             past, h = out.past_key_values, out.last_hidden_state[:, -1]
         gen = torch.stack(tokens, 1)
-        return gen, (torch.stack(dists, 1) if forced is not None else None)
+        return gen, (torch.stack(dists, 1) if forced is not None else None), torch.stack(chosen, 1)
 
     def encode_prompts(self, prompts: Sequence[str], cfg: ILQLPolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = [prompt_ids(self.tokenizer, p)[-(cfg.max_length - cfg.max_new_tokens):] for p in prompts]
@@ -543,11 +545,17 @@ class ILQLPolicy(HFPolicy):
         was_training = self.module.training
         self.module.eval()
         try:
-            gen, _ = self.decode(ids, attn, cfg)
+            gen, _, chosen = self.decode(ids, attn, cfg)
         finally:
             self.module.train(was_training)
-        # The base LM's log-probs (the policy the heads perturb), e.g. for KL to a reference.
-        return build_rollout(self, prompts, ids, attn, gen)
+        rollout = build_rollout(self, prompts, ids, attn, gen)
+        # Log-probs of the decoding policy itself (perturbed, filtered), not of the base LM that
+        # build_rollout recomputes: KL to a reference is then the KL of what was sampled.
+        P = ids.shape[1]
+        own = torch.zeros_like(rollout.logprobs)
+        own[:, P - 1 : P - 1 + chosen.shape[1]] = chosen.float().cpu()
+        rollout.logprobs = own * rollout.response_mask[:, 1:]
+        return rollout
 
     def frozen_copy(self) -> "ILQLPolicy":
         module = copy.deepcopy(self.module)

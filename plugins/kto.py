@@ -76,6 +76,10 @@ class KTO(ImplicitRewardEvaluation, Objective):
     paper = "Ethayarajh et al. 2024, arXiv:2402.01306"
     data_kind = "unpaired"
     needs_reference = True
+    # The budget of `rlhfzoo bench` and configs/kto.yaml on `sentiment`. Measured 2026-11-22 (400
+    # held-out prompts, SFT -0.050 +- 0.025): 160 steps -> +0.082 (+3.5 SE), 120 -> +3.2 SE, 80 -> +2.7 SE.
+    train_defaults = {"steps": 160, "batch_size": 32, "lr": 3e-4, "warmup_steps": 10, "lr_schedule": "cosine"}
+    algorithm_defaults = {"beta": 0.3}
 
     class Config(PluginConfig):
         beta: float = Field(0.1, gt=0, description="Inverse temperature beta of the value function (higher: stay closer to the reference).")

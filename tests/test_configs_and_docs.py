@@ -35,3 +35,25 @@ def test_readme_names_every_registered_name():
     readme = (REPO / "README.md").read_text()
     missing = [f"{e.kind} {e.name}" for e in registry.entries() if e.package == "rlhfzoo" and f"`{e.name}`" not in readme]
     assert not missing, f"README does not mention: {missing}"
+
+
+def test_objective_configs_use_the_benchmark_budget():
+    """configs/<objective>.yaml and `rlhfzoo bench` give an objective the same budget and options:
+    its `train_defaults` and `algorithm_defaults` (what the learning tests measure is what the
+    benchmark runs)."""
+    from rlhfzoo.config import load_config
+
+    checked = 0
+    for path in CONFIGS:
+        if "algorithm" not in yaml.safe_load(path.read_text()):
+            continue  # e.g. best_of_n.yaml: a policy, not a training run
+        cfg = load_config(path)
+        cls = cfg.algorithm.entry.cls
+        if not (cls.train_defaults or cls.algorithm_defaults):
+            continue
+        train = cfg.train.model_dump()
+        assert {k: train[k] for k in cls.train_defaults} == cls.train_defaults, path.name
+        algorithm = cfg.algorithm.to_dict()
+        assert {k: algorithm[k] for k in cls.algorithm_defaults} == cls.algorithm_defaults, path.name
+        checked += 1
+    assert checked >= 8

@@ -144,3 +144,19 @@ def test_bench_hh_reports_pair_accuracy(tmp_path):
     assert rows["sft-baseline"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-4)  # its reference is its own start
     md = (out / "leaderboard.md").read_text()
     assert "pair acc." in md and "| dpo | – |" in md
+
+
+def test_a_finished_run_is_reused_only_for_the_same_spec(tmp_path):
+    from dataclasses import asdict
+
+    from rlhfzoo.bench import RunSpec, same_spec
+
+    spec = RunSpec("dpo", "dpo", "objective", 0, {"train": {"steps": 80, "lr": 3e-4}}, str(tmp_path), 200)
+    path = tmp_path / "spec.json"
+    assert not same_spec(path, spec)  # never run
+    path.write_text(json.dumps(asdict(spec), indent=1))
+    assert same_spec(path, spec)
+    changed = RunSpec("dpo", "dpo", "objective", 0, {"train": {"steps": 80, "lr": 1e-4}}, str(tmp_path), 200)
+    assert not same_spec(path, changed)  # a new budget or config reruns the row
+    path.write_text("{not json")
+    assert not same_spec(path, spec)

@@ -189,7 +189,7 @@ def test_decoding_next_token_distributions(beta):
     prompts = ["the movie was", "a truly great film with a plot"]
     ids, attn = dec.encode_prompts(prompts, dec.config)
     forced = torch.tensor([[5, 9, 12, 7], [8, 6, 11, 10]])
-    _, dists = dec.decode(ids, attn, dec.config, forced=forced)
+    _, dists, _ = dec.decode(ids, attn, dec.config, forced=forced)
     assert dists.shape == (2, 4, policy.module.lm.get_output_embeddings().weight.shape[0])
     full_ids = torch.cat([ids, forced], 1)
     full_attn = torch.cat([attn, torch.ones_like(forced)], 1)
@@ -208,8 +208,31 @@ def test_decoding_next_token_distributions(beta):
 def test_top_k_keeps_k_tokens():
     dec, _ = _tiny_ilql(1.0, top_k=3)
     ids, attn = dec.encode_prompts(["the movie was"], dec.config)
-    _, dists = dec.decode(ids, attn, dec.config, forced=torch.tensor([[5, 6]]))
+    _, dists, _ = dec.decode(ids, attn, dec.config, forced=torch.tensor([[5, 6]]))
     assert (torch.isfinite(dists).sum(-1) == 3).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.5])
+def test_rollout_logprobs_are_the_decoding_policys(beta):
+    """A rollout carries the log-probs of the distribution its tokens were drawn from: the base
+    LM's at beta = 0, the perturbed policy's otherwise (so its KL to a reference is its own)."""
+    dec, policy = _tiny_ilql(beta)
+    policy.module.eval()
+    torch.manual_seed(0)
+    ro = dec.generate(["the movie was", "a truly great film with a plot"])
+    mask = ro.response_mask[:, 1:].float()
+    base = policy.logprobs(ro.sequences, ro.attention_mask).detach() * mask
+    if beta == 0:
+        assert torch.allclose(ro.logprobs, base, atol=1e-4)
+    else:
+        ids, attn = dec.encode_prompts(ro.prompts, dec.config)
+        gen = ro.sequences[:, ids.shape[1]:]
+        _, dists, chosen = dec.decode(ids, attn, dec.config, forced=gen)
+        teacher = dists.gather(-1, gen[:, :, None]).squeeze(-1)
+        resp = ro.response_mask[:, ids.shape[1]:].float()
+        assert torch.allclose(ro.logprobs[:, ids.shape[1] - 1 :] , teacher * resp, atol=1e-4)
+        assert not torch.allclose(ro.logprobs, base, atol=1e-3)
+    assert (ro.logprobs <= 0).all() and (ro.logprobs[mask == 0] == 0).all()
 
 
 def test_nucleus_hand_computed():
@@ -225,7 +248,7 @@ def test_base_top_p_samples_only_inside_the_base_nucleus():
     dec, policy = _tiny_ilql(50.0)
     dec.config = dec.config.model_copy(update={"base_top_p": 0.5})
     ids, attn = dec.encode_prompts(["the movie was"], dec.config)
-    _, dists = dec.decode(ids, attn, dec.config, forced=torch.tensor([[5, 6]]))
+    _, dists, _ = dec.decode(ids, attn, dec.config, forced=torch.tensor([[5, 6]]))
     with torch.no_grad():
         h = policy.module.lm.base_model(input_ids=ids).last_hidden_state[:, -1]
         base = torch.log_softmax(policy.module.lm.get_output_embeddings()(h).float(), -1)
