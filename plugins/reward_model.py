@@ -149,6 +149,9 @@ class BradleyTerry(Objective):
     data_kind = "pairs"
     needs_value_head = True
     trains_policy = False
+    # The train recipe of the task's cached reward model (`rlhfzoo.reward_models`) and configs/reward_model.yaml
+    # (which, like the cached stage, also trains on K-wise rankings; the bench row uses pairs, which every task has).
+    train_defaults = {"steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"}
     Config = BradleyTerryConfig
 
     def __init__(self, config=None):
@@ -198,6 +201,7 @@ class RewardRegression(Objective):
     data_kind = "rewarded"
     needs_value_head = True
     trains_policy = False
+    train_defaults = {"steps": 200, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"}  # as configs/
 
     class Config(PluginConfig):
         eval_examples: int = Field(2000, ge=1, description="Held-out rated examples (and pairs, where the task has them) scored at the end.")
