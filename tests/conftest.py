@@ -26,3 +26,16 @@ def example_plugin_env(tmp_path_factory):
     )
     assert r.returncode == 0, r.stderr
     return {**os.environ, "PYTHONPATH": str(target)}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is much faster than two on a shared machine (no OpenMP
+    barriers spinning against other processes). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,12 +10,7 @@ from rlhfzoo.plugins.sentiment import SentimentTask
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is much faster on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,13 @@ from rlhfzoo.plugins.sentiment import SentimentTask
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 from rlhfzoo.trainer import Trainer
 
-pytestmark = pytest.mark.learning
+pytestmark = [pytest.mark.learning, pytest.mark.usefixtures("one_thread")]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 N_PROMPTS, SEED = 200, 0
 _runs: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is far faster than two on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 from rlhfzoo.testing import TINY_POLICY
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a shared machine (no OpenMP barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def t(*xs):

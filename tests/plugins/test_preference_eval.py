@@ -21,12 +21,7 @@ TASK = {"path": str(SHARED), "max_pairs": 48, "test_fraction": 0.25, "max_chars"
 IMPLICIT = {"implicit_reward_accuracy", "implicit_reward_margin", "implicit_reward_pairs"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: faster single-threaded
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from rlhfzoo.evaluation import evaluate
 from rlhfzoo.plugins.dpo import DPO
 from rlhfzoo.trainer import Trainer
 
-pytestmark = pytest.mark.learning
+pytestmark = [pytest.mark.learning, pytest.mark.usefixtures("one_thread")]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 N_PROMPTS = 400
@@ -39,12 +39,6 @@ def quiet(*_):
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
