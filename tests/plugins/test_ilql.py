@@ -170,21 +170,23 @@ def test_gradcheck_ilql_terms():
 # ------------------------------------------------------------------------------------ decoding
 
 
-def _tiny_ilql(beta, top_k=0):
+def _tiny_ilql(beta, top_k=0, value_trunk="separate"):
     task = SentimentTask()
     policy = HFPolicy(HFPolicyConfig(**TINY), task=task)
-    ILQL().attach(policy)
+    ILQL(ILQLConfig(value_trunk=value_trunk)).attach(policy)
     with torch.no_grad():
         for p in heads_of(policy).parameters():
             p.normal_(0, 0.3)
     return ILQLPolicy.wrap(policy, beta=beta, top_k=top_k), policy
 
 
+@pytest.mark.parametrize("value_trunk", ["separate", "shared"])
 @pytest.mark.parametrize("beta", [0.0, 2.5])
-def test_decoding_next_token_distributions(beta):
-    """Teacher-forced incremental decoding (KV cache, left padding) against one full forward:
-    beta = 0 gives the base LM's next-token distributions exactly; beta > 0 log pi + beta (Q' - V)."""
-    dec, policy = _tiny_ilql(beta)
+def test_decoding_next_token_distributions(beta, value_trunk):
+    """Teacher-forced incremental decoding (KV caches, left padding) against one full forward:
+    beta = 0 gives the base LM's next-token distributions exactly; beta > 0 log pi + beta (Q' - V),
+    with Q and V on the value trunk's states (separate) or the LM's (shared)."""
+    dec, policy = _tiny_ilql(beta, value_trunk=value_trunk)
     policy.module.eval()
     prompts = ["the movie was", "a truly great film with a plot"]
     ids, attn = dec.encode_prompts(prompts, dec.config)
@@ -199,10 +201,35 @@ def test_decoding_next_token_distributions(beta):
         P = ids.shape[1]
         h = hidden[:, P - 1 : P + 3]
         base = torch.log_softmax(policy.module.lm.get_output_embeddings()(h).float(), -1)
-        expected = torch.log_softmax(base + beta * heads_of(policy).advantage(h), -1)
+        heads = heads_of(policy)
+        hv = heads.states(hidden, full_ids, full_attn)[:, P - 1 : P + 3]
+        assert (heads.trunk is None) == (value_trunk == "shared") and torch.equal(hv, h) == (value_trunk == "shared")
+        expected = torch.log_softmax(base + beta * heads.advantage(hv), -1)
     assert torch.allclose(dists, expected, atol=1e-4)
     if beta == 0:
         assert torch.allclose(dists, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("value_trunk", ["separate", "shared"])
+def test_which_weights_the_losses_train(value_trunk):
+    """awac_weight 0: the LM (the policy) gets no gradient; the Q/V/CQL losses train the heads and,
+    with a separate value trunk, that trunk; with a shared, detached trunk the heads alone."""
+    obj = ILQL(ILQLConfig(value_trunk=value_trunk))
+    policy = HFPolicy(HFPolicyConfig(**TINY), task=SentimentTask())
+    heads = obj.attach(policy)
+    with torch.no_grad():  # output layers start at zero, which would stop every gradient below them
+        for m in (*heads.q, heads.v):
+            m.weight.normal_(0, 0.3)
+    out = obj.loss(_batch(torch.tensor([0.5, -0.3])), policy)
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in policy.module.lm.parameters())
+    assert all(p.grad is not None for m in (*heads.q, heads.v) for p in m.parameters())
+    if value_trunk == "separate":
+        assert sum(p.grad.abs().sum() for p in heads.trunk.parameters() if p.grad is not None) > 0
+        lm_ids = {id(p) for p in policy.module.lm.parameters()}
+        assert not any(id(p) in lm_ids for p in heads.trunk.parameters())  # a copy, not shared weights
+    else:
+        assert heads.trunk is None
 
 
 def test_top_k_keeps_k_tokens():
@@ -344,20 +371,13 @@ def test_run_saves_heads_and_the_ilql_policy_loads_them(tmp_path):
 
 
 @pytest.mark.learning
-@pytest.mark.xfail(
-    strict=False,
-    reason="measured 2026-11-22 (200 prompts): defaults give ILQL -0.065±0.034 (beta 1) vs SFT -0.049±0.035; of the settings "
-    "tried (target rate 0.05-0.5, CQL 0.1-1, 100-300 steps, MLP heads, trunk training, base_top_p 0.9) one reached "
-    "+0.18±0.02 (target rate 0.5, CQL 1, beta 16, seed 0) but seeds 1 and 2 of the same setting collapsed (-0.8); the "
-    "learned advantages do not track word sentiment. The > 3 SE bar is not met",
-)
 def test_ilql_decoding_beats_sft_on_sentiment(tmp_path):
     torch.set_num_threads(2)
     start = time.time()
     cfg = load_config(data={
         "task": {"name": "sentiment"},
         "policy": {"name": "hf", "init": "sft"},
-        "algorithm": {"name": "ilql", **LEARNING_OPTIONS},
+        "algorithm": {"name": "ilql"},  # the defaults: separate value trunk, CQL 0.01, beta 8
         "train": {**ILQL.train_defaults, "eval_prompts": 200, "progress": False},
         "output_dir": str(tmp_path / "run"),
     })
@@ -369,5 +389,3 @@ def test_ilql_decoding_beats_sft_on_sentiment(tmp_path):
     print(json.dumps({"sft": [sft["gold"], sft["gold_se"]], "ilql": [ilql["gold"], ilql["gold_se"]], "seconds": seconds}))
     assert gap > 3 * max(sft["gold_se"], ilql["gold_se"]), f"ILQL {ilql['gold']:.3f}±{ilql['gold_se']:.3f} vs SFT {sft['gold']:.3f}±{sft['gold_se']:.3f} (gap/se {gap / se:.1f})"
 
-
-LEARNING_OPTIONS: dict = {}
