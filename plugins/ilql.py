@@ -318,7 +318,6 @@ class ILQL(Objective):
     name = "ilql"
     summary = "Implicit Language Q-Learning: offline Q/V heads (Bellman + expectile + CQL) on rewarded data; decode log pi + beta (Q - V)."
     paper = "Snell et al. 2022, arXiv:2206.11871"
-    status = "experimental"
     data_kind = "rewarded"
     Config = ILQLConfig
     train_defaults = {"steps": 400, "batch_size": 32, "lr": 3e-3}
@@ -476,7 +475,6 @@ class ILQLPolicy(HFPolicy):
     aliases = ()
     summary = "ILQL decoding: sample from log pi(a|s) + beta (min Q'(s,a) - V(s)) with a trained ILQL run's heads."
     paper = "Snell et al. 2022, arXiv:2206.11871"
-    status = "experimental"
     benchmark = False
     Config = ILQLPolicyConfig
 
