@@ -2,7 +2,7 @@
 
 Public API (one entry point per function; the implementation is picked from
 the inputs - Triton kernels for CUDA tensors, a cache-blocked PyTorch path on
-CPU - so callers never choose):
+CPU with ``torch.compile``d single passes for large inputs - so callers never choose):
 
 * :func:`logprobs` - ``log_softmax(logits / T)[targets]`` without the
   ``[N, V]`` log-softmax, fp32 accumulation, memory-lean backward.

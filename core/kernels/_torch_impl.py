@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from . import _compiled
 from ._threads import run_rows, scratch
 
 # Bytes of fp32 scratch per chunk: a chunk of input rows plus its fp32 copy
@@ -103,15 +104,20 @@ def stats_fwd(x, tgt, inv_temp, ignore_index, lp_out, lse_out, ent_out):
             else:
                 torch.mul(src, inv_temp, out=b).exp_()
             torch.sum(b, dim=-1, out=ssum[j])
-        if ent_out is None:
-            # rare: rows whose unshifted sum overflowed/underflowed get the max shift
-            for k, v in enumerate(ssum[r0:r1].tolist()):
-                if not tiny <= v < math.inf:
-                    row = slice(r0 + k, r0 + k + 1)
-                    src = x[row].to(acc) if upcast else x[row]
-                    shifted(src, buf[:1], row)
 
-    run_rows(R, R * V, x.device, work)
+    fused = _compiled.sum_exp(x, inv_temp) if ent_out is None else None
+    if fused is not None:  # one fused pass (large CPU inputs)
+        ssum.copy_(fused)
+    else:
+        run_rows(R, R * V, x.device, work)
+    if ent_out is None:
+        # rare: rows whose unshifted sum overflowed/underflowed get the max shift
+        bad = ((ssum < tiny) | ~torch.isfinite(ssum)).nonzero().flatten().tolist()
+        buf = scratch(1, V, acc, x.device)
+        for k in bad:
+            row = slice(k, k + 1)
+            shifted(x[row].to(acc) if upcast else x[row], buf, row)
+
     logs = ssum.log()
     if ent_out is not None:
         # H = log s - sum e (z - m) / s
@@ -174,6 +180,10 @@ def stats_bwd(x, tgt, lse, ent, g_lp, g_ent, inv_temp, ignore_index, dx_out):
             if not direct:
                 d.copy_(b)
 
+    fused = direct and g_ent is None and g_lp is not None
+    if fused and _compiled.logprob_grad_(x, lse.neg(), neg_gl.squeeze(1), inv_temp, dx_out):
+        dx_out.scatter_add_(1, safe, gl)  # one fused pass (large CPU inputs), then + onehot(t) g / T
+        return
     run_rows(R, R * V, x.device, work)
 
 

@@ -202,6 +202,48 @@ def test_logprobs_shift_free_fast_path_agrees():
                                        atol=1e-4, rtol=1e-6)
 
 
+def test_compiled_cpu_path(monkeypatch):
+    """Large CPU inputs get the unshifted sum and the log-prob gradient from torch.compile'd
+    passes; they must agree with the float64 reference, temperature included, and hand
+    overflowing / underflowing rows to the shifted fallback exactly like the chunked path."""
+    import warnings
+
+    from rlhfzoo.kernels import _compiled
+
+    monkeypatch.setattr(_compiled, "MIN_ELEMENTS", 1000)  # so a small test input takes the path
+    monkeypatch.setitem(_compiled._state, "fn", None)
+    t = make_targets((4, 6), 1000)
+    x = make_logits((4, 6, 1000), torch.float32, scale=3.0)
+    x[0, 1] += 500.0  # overflows exp
+    x[1, 2] -= 500.0  # underflows
+    x[2, 3, 17] = 95.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            for T in (1.0, 0.6):
+                torch.testing.assert_close(K.logprobs(xd, t, temperature=T).double(), ref_logprobs(xd, t, T), atol=1e-4, rtol=1e-6)
+        # the backward's fused pass -g p / T, on logits and inside the fused-linear backward
+        xr = x.double().requires_grad_(True)
+        xg = x.clone().requires_grad_(True)
+        g = randn(4, 6)
+        for T in (1.0, 0.6):
+            assert_grad_close(grad_of(K.logprobs(xg, t, temperature=T), xg, g), grad_of(ref_logprobs(xr, t, T), xr, g), torch.float32)
+        h = make_logits((40, 16), torch.float32, scale=1.0, seed=5).requires_grad_(True)
+        w = make_logits((300, 16), torch.float32, scale=0.3, seed=6).requires_grad_(True)
+        tl = make_targets((40,), 300)
+        hr, wr = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+        ours = K.linear_logprobs(h, w, tl, chunk_size=15)  # 15 x 300 > MIN_ELEMENTS; 15 does not divide 40
+        ref = ref_logprobs(hr @ wr.T, tl)
+        torch.testing.assert_close(ours.double(), ref.detach(), atol=2e-5, rtol=1e-5)
+        gl = randn(40)
+        for a, b in zip(torch.autograd.grad(ours, (h, w), gl.float()), torch.autograd.grad(ref, (hr, wr), gl)):
+            torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+    if _compiled._state["failed"]:
+        pytest.skip(f"torch.compile is not usable here: {[str(w.message) for w in caught]}")
+    assert _compiled._state["fn"] is not None and _compiled._state["grad_fn"] is not None  # compiled and used above
+    assert _compiled.sum_exp(x[0, :, :100], 1.0) is None  # below the size threshold (600 elements)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_parallel_cpu_path(dtype):
     """Inputs above _threads.MIN_PARALLEL_ELEMENTS are split over worker threads."""
