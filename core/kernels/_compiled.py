@@ -4,9 +4,9 @@ The chunked path (:mod:`._torch_impl`) computes the unshifted ``sum_v exp(x_v / 
 log-sum-exp in three passes over a cache-sized tile (upcast to fp32, ``exp``, ``sum``), and
 the log-prob gradient ``-g exp(x / T - lse)`` in two or three.  Inductor fuses each into one
 loop per row (load, convert, ``exp``, accumulate or store in fp32).  Measured with
-``benchmarks/kernels.py --quick`` on 2 cores: the forward over ``[2, 512, 128256]`` logits
-went from 2.36x / 1.82x a read pass (bf16 / fp32) to 1.31x / 1.60x, and the fused-linear
-forward+backward from 1.21x to about 1.0x eager's time.
+``benchmarks/kernels.py`` on 2 cores (two runs): the forward over ``[2, 512, 128256]`` logits
+went from 2.36x / 1.82x a read pass (bf16 / fp32) to 1.31-1.67x / 1.60-1.79x, and the
+fused-linear forward+backward from 1.21x to 1.02-1.07x eager's time (median).
 
 Used only for CPU inputs of at least :data:`MIN_ELEMENTS` elements, so small models never
 pay the one-off compile (~6 s per process and function; shapes and temperature are dynamic,
