@@ -200,13 +200,15 @@ def _mem_child(spec: dict) -> dict:
     if case == "logprobs":
         xs = torch.randn(2, 64, dtype=dtype, requires_grad=True)
         logprob_impls("cpu")[impl](xs, torch.zeros(2, dtype=torch.long)).sum().backward()
-    # ... and compile the fused CPU reduction that large inputs take (a one-off per process)
+    # ... and compile the fused CPU passes that large inputs take (a one-off per process)
     from rlhfzoo.kernels import _compiled
 
     V = spec["shape"][-1] if case == "logprobs" else spec["V"]
     xs = torch.zeros(_compiled.MIN_ELEMENTS // V + 1, V, dtype=dtype)
     _compiled.sum_exp(xs, 1.0)
-    del xs
+    rows = torch.zeros(xs.shape[0])
+    _compiled.logprob_grad_(xs.float(), rows, rows, 1.0, xs.float())
+    del xs, rows
     before = _status_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -382,13 +382,15 @@ class ILQL(Objective):
         module = policy.module
         if hasattr(policy, "counters") and torch.is_grad_enabled():
             policy.counters["train_tokens"] += int(seq.attention_mask.sum())
-        with torch.enable_grad() if c.awac_weight > 0 or heads.trunk is None else torch.no_grad():
+        # The LM learns from the NLL (awac_weight > 0) and, through shared undetached states, from Q/V/CQL.
+        lm_trains = c.awac_weight > 0 or (heads.trunk is None and not c.detach_trunk)
+        with torch.enable_grad() if lm_trains else torch.no_grad():
             hidden = _hidden(module, seq.input_ids, seq.attention_mask)
         head = module.lm.get_output_embeddings()
-        if heads.trunk is not None:  # the value trunk's own states, trained by the Q/V/CQL losses
-            h_heads = heads.states(hidden, seq.input_ids, seq.attention_mask)
-        else:  # the LM's states; detached with detach_trunk (the NLL alone trains the LM)
-            h_heads = hidden.detach() if c.detach_trunk else hidden
+        # The value trunk's own states (trained by the Q/V/CQL losses), or the LM's.
+        h_heads = heads.states(hidden, seq.input_ids, seq.attention_mask)
+        if heads.trunk is None and c.detach_trunk:
+            h_heads = h_heads.detach()
         terms = ilql_terms(h_heads, seq.input_ids, seq.response_mask, batch.rewards, heads, gamma=c.gamma, tau=c.tau)
         act = seq.response_mask[:, 1:].bool()
         with torch.enable_grad() if c.awac_weight > 0 else torch.no_grad():  # AWAC / BC term on the LM

@@ -31,8 +31,6 @@ all far below 0) are redone with the max shift.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _compiled

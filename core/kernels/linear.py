@@ -65,9 +65,9 @@ _CUDA_OUT_DTYPE = [True]  # does torch.addmm(..., out_dtype=) work here? (torch 
 
 
 def _logits_buffer(h2: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor | None:
-    """One ``[chunk, V]`` buffer that every chunk's logits reuse on CPU: a fresh 128 MiB tensor per
-    chunk would be fresh pages from the OS each time (page faults cost ~10% of the fused-linear
-    step at N=4096, V=32000).  None under autocast (the GEMM picks its own output dtype there)."""
+    """One ``[chunk, V]`` buffer that every chunk's logits reuse on CPU: a fresh tensor per chunk
+    (128 MiB at the default size) would be fresh pages from the OS, page-faulted in, each time.
+    None under autocast (the GEMM picks its own output dtype there)."""
     if h2.device.type != "cpu" or torch.is_autocast_enabled("cpu") or h2.shape[0] <= chunk:
         return None
     return torch.empty(chunk, weight.shape[0], dtype=torch.promote_types(h2.dtype, weight.dtype))
