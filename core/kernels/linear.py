@@ -9,8 +9,9 @@ forward, per chunk ``c``::
     logits_c = hidden_c @ W.T + b                  # [C, V], model dtype
     lp_c, lse_c (, H_c) = row statistics of logits_c / T
 
-and keeps only ``lse`` (and ``H``) per token.  The backward recomputes
-``logits_c`` and turns it *in place* into ``dlogits_c``::
+and keeps only ``lse`` (and ``H``) per token, plus the last chunk's logits.
+The backward goes through the chunks last to first, recomputes ``logits_c``
+(except for that kept last chunk) and turns it *in place* into ``dlogits_c``::
 
     dlogits_c = [g_lp (onehot(t) - p) - g_H p (log p + H)] / T
     d hidden_c = dlogits_c @ W
@@ -19,7 +20,10 @@ and keeps only ``lse`` (and ``H``) per token.  The backward recomputes
 
 so the peak extra memory is one ``[C, V]`` chunk plus an fp32 ``[V, H]``
 accumulator (only when ``W`` needs a gradient), instead of several ``[N, V]``
-tensors.  The price is one extra ``hidden @ W.T`` GEMM in the backward.
+tensors.  The price is one extra ``hidden @ W.T`` GEMM in the backward for
+every chunk but the last (none when all tokens fit in one chunk).  The kept
+chunk is the buffer the backward would allocate anyway, so the peak does not
+grow; it is held from the forward to the backward.
 """
 from __future__ import annotations
 
@@ -97,12 +101,19 @@ class _LinearStats(torch.autograd.Function):
         ent = torch.empty_like(lp) if want_ent else None
         inv_temp = 1.0 / temperature
         buf = _logits_buffer(h2, weight, chunk)
+        kept = None
         for i in range(0, N, chunk):
             r = slice(i, i + chunk)
             logits = _chunk_logits(h2[r], weight, bias, buf)
             impl.stats_fwd(logits, t[r], inv_temp, ignore_index, lp[r], lse[r],
                            ent[r] if want_ent else None)
-            del logits
+            kept = (i, logits)
+        # The last chunk's logits stay alive until the backward, which starts with that chunk
+        # and so skips one recomputing GEMM (all of them when everything fit in one chunk).
+        # Held between forward and backward: one chunk, the buffer the backward needs anyway.
+        # (Without autograd, e.g. under no_grad, ctx and with it the chunk go when this returns.)
+        ctx.kept = kept
+        ctx.buf = buf
         ctx.save_for_backward(h2, weight, bias, t, lse, ent)
         ctx.inv_temp, ctx.ignore_index, ctx.chunk, ctx.impl = inv_temp, ignore_index, chunk, impl
         ctx.hidden_shape = hidden.shape
@@ -118,6 +129,8 @@ class _LinearStats(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N = h2.shape[0]
         acc = lse.dtype
+        # the kept chunk is used once: a second backward (retain_graph=True) recomputes it
+        kept, buf, ctx.kept, ctx.buf = ctx.kept, ctx.buf, None, None
         if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):
             return (None,) * 9
         dh = torch.empty_like(h2) if need_h else None
@@ -125,11 +138,16 @@ class _LinearStats(torch.autograd.Function):
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         g_lp = g_lp.reshape(-1) if g_lp is not None else None
         g_ent = g_ent.reshape(-1) if g_ent is not None else None
-        buf = _logits_buffer(h2, weight, ctx.chunk)
-        for i in range(0, N, ctx.chunk):
+        if buf is None:
+            buf = _logits_buffer(h2, weight, ctx.chunk)
+        for i in reversed(range(0, N, ctx.chunk)):  # last chunk first: its logits were kept
             r = slice(i, i + ctx.chunk)
             hc = h2[r]
-            dlogits = _chunk_logits(hc, weight, bias, buf)  # recompute, then overwrite in place
+            if kept is not None and kept[0] == i:
+                dlogits, kept = kept[1], None
+            else:
+                dlogits = _chunk_logits(hc, weight, bias, buf)  # recompute
+            # overwritten in place with the gradient w.r.t. the logits
             ctx.impl.stats_bwd(
                 dlogits, t[r], lse[r], ent[r] if g_ent is not None else None,
                 g_lp[r] if g_lp is not None else None, g_ent[r] if g_ent is not None else None,

@@ -454,6 +454,31 @@ def test_linear_logprobs_entropy_only_grad():
     torch.testing.assert_close(hidden.grad, want)
 
 
+@pytest.mark.parametrize("chunk_size", [4, 64])  # 3 chunks (last one partial), one chunk
+def test_linear_logprobs_kept_chunk_and_retain_graph(chunk_size):
+    """The forward keeps the last chunk's logits for the backward; the backward uses them once,
+    and a second backward through a retained graph recomputes them to the same gradient."""
+    g = torch.Generator().manual_seed(10)
+    hidden = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    t = make_targets((10,), 50)
+    gl = torch.randn(10, generator=g, dtype=torch.float64)
+    lp = K.linear_logprobs(hidden, weight, t, chunk_size=chunk_size)
+    start, kept = lp.grad_fn.kept
+    assert start == 8 if chunk_size == 4 else start == 0
+    torch.testing.assert_close(kept, torch.nn.functional.linear(hidden, weight)[start:])
+    first = torch.autograd.grad(lp, (hidden, weight), gl, retain_graph=True)
+    assert lp.grad_fn.kept is None and lp.grad_fn.buf is None  # released after use
+    second = torch.autograd.grad(lp, (hidden, weight), gl)
+    hr, wr = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    want = torch.autograd.grad(ref_logprobs(torch.nn.functional.linear(hr, wr), t), (hr, wr), gl)
+    for a, b, c in zip(first, second, want):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+    with torch.no_grad():  # no graph: nothing is kept past the call
+        assert K.linear_logprobs(hidden, weight, t, chunk_size=chunk_size).grad_fn is None
+
+
 # ----------------------------------------------------------------------------
 # gradcheck in float64
 
