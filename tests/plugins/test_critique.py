@@ -258,13 +258,10 @@ def test_http_url_forms():
 
 
 @pytest.mark.learning
-@pytest.mark.xfail(strict=False, reason=(
-    "measured 2026-11-22: with the 1000-step SFT policy (and label noise 0.4) the judge's Spearman correlation with "
-    "gold is 0.43 (800 steps, lr 2e-3), 0.33 (1200 steps) and 0.13 (1000 steps, lr 3e-3), against 0.73 with session 1's "
-    "SFT policy; the judge recipe is unstable and needs re-tuning (the > 0.5 bar is not met)"))
 def test_sentiment_judge_ranks_like_the_gold_reward():
     """The task's cached judge (`sft` on its critiques, from its SFT policy) through the `critique`
-    source with the default `policy` backend: Spearman correlation with the gold reward."""
+    source with the default `policy` backend: Spearman correlation with the gold reward (0.80
+    with 2 threads, 0.87-0.88 with one, 2026-11-22; the true critiques' ratings reach 0.99)."""
     task = SentimentTask()
     src = load_config(data={"task": {"name": "sentiment"}, "algorithm": {"name": "sft"}, "reward": {"name": "critique"}}).reward.create(task=task)
     rows = task.examples("rewarded", "test")[::5][:300]
@@ -278,3 +275,15 @@ def test_sentiment_judge_ranks_like_the_gold_reward():
     print(f"judge: spearman={rho:.3f} over {len(rows)} responses, fallback_rate={m['judge_fallback_rate']:.3f}, {seconds:.1f}s")
     assert rho > 0.5, m
     assert m["judge_fallback_rate"] < 0.05
+
+
+def test_judge_config_matches_the_cached_recipe():
+    """configs/critique_judge.yaml documents the recipe of the cached judge: they must agree."""
+    from pathlib import Path
+
+    from rlhfzoo.plugins.critique import JUDGE_RECIPE
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "critique_judge.yaml")
+    train = cfg.train.model_dump()
+    assert {k: train[k] for k in JUDGE_RECIPE} == JUDGE_RECIPE
+    assert cfg.algorithm.to_dict()["examples"] == "critiques" and cfg.policy.to_dict()["init"] == "sft"
