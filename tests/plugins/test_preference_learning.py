@@ -1,12 +1,14 @@
 """Learning tests of the offline preference objectives.
 
 sentiment: each of `configs/{dpo,ipo,kto}.yaml` (its own training budget; only the output
-directory and the number of held-out prompts changed) starts from the task's cached SFT policy
-and must raise the mean gold reward on 400 held-out prompts by more than three standard errors
-(of the difference) over the SFT policy itself, both measured with `rlhfzoo.evaluation.evaluate`
-on the same prompts and seed, with the KL to the reference finite and reported. 400 prompts
-rather than the configs' 200 halve the variance: the gains of these offline methods on this task
-are ~0.2-0.3 gold, ~4-5 SE at 200 prompts but ~6-8 SE at 400.
+directory, the seed and the number of held-out prompts changed) starts from the task's cached SFT
+policy and is trained with three seeds. The mean over the seeds of (gold of the trained policy -
+gold of the SFT policy, same prompts and sampling seed) must exceed three standard errors, both
+measured with `rlhfzoo.evaluation.evaluate` on 400 held-out prompts, with the KL to the reference
+finite. Three seeds, not one: measured 2026-11-22, the gains of one seed vary by a factor of ~1.5
+(DPO +0.120 / +0.082 / +0.091, IPO +0.073 / +0.122 / +0.122, KTO +0.132 / +0.208 / +0.178), so a
+single-seed test would pass or fail on the seed. 400 prompts rather than the configs' 200 halve the
+evaluation variance.
 
 The runs use one CPU thread: these models are so small that a second thread buys little, and on
 a shared machine it costs a lot (threads spinning against other processes).
@@ -39,42 +41,39 @@ def quiet(*_):
     pass
 
 
+SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
 def sft_gold():
-    """Gold of the SFT policy on the held-out prompts, evaluated exactly as the trainer evaluates a run."""
+    """Gold of the SFT policy on the held-out prompts per seed, evaluated exactly as the trainer evaluates a run."""
     cfg = load_config(CONFIGS / "dpo.yaml", HELD_OUT)
     task = cfg.task.create()
     policy = cfg.policy.create(task=task)
-    return evaluate(policy, task, None, None, N_PROMPTS, seed=cfg.train.seed)
+    return {seed: evaluate(policy, task, None, None, N_PROMPTS, seed=seed) for seed in SEEDS}
 
 
-@pytest.mark.parametrize("name", [
-    "dpo",
-    pytest.param("ipo", marks=pytest.mark.xfail(strict=False, reason=(
-        "measured 2026-11-22 with the 1000-step SFT policy: IPO reaches at most +1.7 SE over SFT (lr 1e-4: +0.004 vs "
-        "-0.050; tau 0.3/0.5, summed log-probs: +0.5 to +1.7 SE; lr 5e-4 breaks grammar, -7.9 SE); the > 3 SE bar is not met"))),
-    "kto",
-])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "kto"])
 def test_raises_gold_reward_over_sft(name, sft_gold, tmp_path):
-    cfg = load_config(CONFIGS / f"{name}.yaml", [*HELD_OUT, f"output_dir={tmp_path / name}"])
-    assert cfg.policy.to_dict()["init"] == "sft" and cfg.algorithm.to_dict()["reference"] == "cached"
+    gains, variances, lines = [], [], []
     start = time.time()
-    summary = Trainer(cfg, log=quiet).fit()
-    seconds = time.time() - start
-    ev = summary["eval"]
-    gain = ev["gold"] - sft_gold["gold"]
-    se = math.hypot(ev["gold_se"], sft_gold["gold_se"])
-    print(
-        f"\n{name}: gold {sft_gold['gold']:.3f} ± {sft_gold['gold_se']:.3f} (SFT) -> {ev['gold']:.3f} ± {ev['gold_se']:.3f} "
-        f"(+{gain / se:.1f} SE), KL {ev['kl']:.2f} ± {ev['kl_se']:.2f}, grammatical {ev['grammatical_rate']:.2f}, "
-        f"{summary['train_seconds']:.0f} s training, {seconds:.0f} s in all"
-    )
-    assert gain > 3 * se, f"{name}: gold {sft_gold['gold']:.3f} -> {ev['gold']:.3f}, only {gain / se:.1f} standard errors"
-    assert math.isfinite(ev["kl"]) and ev["kl"] >= 0.0
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r["kl"]) and math.isfinite(r["accuracy"]) for r in rows)
+    for seed in SEEDS:
+        out = tmp_path / f"{name}-{seed}"
+        cfg = load_config(CONFIGS / f"{name}.yaml", [*HELD_OUT, f"train.seed={seed}", f"output_dir={out}"])
+        assert cfg.policy.to_dict()["init"] == "sft" and cfg.algorithm.to_dict()["reference"] == "cached"
+        ev, sft = Trainer(cfg, log=quiet).fit()["eval"], sft_gold[seed]
+        gains.append(ev["gold"] - sft["gold"])
+        variances.append(ev["gold_se"] ** 2 + sft["gold_se"] ** 2)
+        lines.append(f"seed {seed}: {sft['gold']:.3f} -> {ev['gold']:.3f} (+{gains[-1]:.3f}), KL {ev['kl']:.2f}, "
+                     f"grammatical {ev['grammatical_rate']:.2f}")
+        assert math.isfinite(ev["kl"]) and ev["kl"] >= 0.0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["kl"]) and math.isfinite(r["accuracy"]) for r in rows)
+    gain = sum(gains) / len(gains)
+    se = math.sqrt(sum(variances)) / len(gains)
+    print(f"\n{name}: mean gain over SFT {gain:.3f} ± {se:.3f} ({gain / se:.1f} SE), {time.time() - start:.0f} s; "
+          + "; ".join(lines))
+    assert gain > 3 * se, f"{name}: mean gold gain {gain:.3f} over {len(gains)} seeds is only {gain / se:.1f} standard errors"
 
 
 def test_dpo_on_hh_rlhf_ranks_held_out_pairs(tmp_path):
