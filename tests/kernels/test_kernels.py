@@ -465,7 +465,7 @@ def test_linear_logprobs_kept_chunk_and_retain_graph(chunk_size):
     gl = torch.randn(10, generator=g, dtype=torch.float64)
     lp = K.linear_logprobs(hidden, weight, t, chunk_size=chunk_size)
     start, kept = lp.grad_fn.kept
-    assert start == 8 if chunk_size == 4 else start == 0
+    assert start == (8 if chunk_size == 4 else 0)
     torch.testing.assert_close(kept, torch.nn.functional.linear(hidden, weight)[start:])
     first = torch.autograd.grad(lp, (hidden, weight), gl, retain_graph=True)
     assert lp.grad_fn.kept is None and lp.grad_fn.buf is None  # released after use
