@@ -176,7 +176,7 @@ def ilql_terms(
         q_sa = q_all.gather(-1, a[:, None]).squeeze(-1)
         q_sa_all.append(q_sa)
         q_loss = q_loss + (q_sa - y).pow(2)  # L_Q (Bellman error)
-        cql = cql + torch.logsumexp(q_all, -1) - q_sa  # L_CQL (cross-entropy of Q as logits)
+        cql = cql - kernels.logprobs(q_all, a)  # L_CQL: logsumexp_a' Q - Q(a), the cross-entropy of Q as logits
     v_loss = expectile_loss(q_target - v_s, tau)  # L_V (expectile regression to the target Q)
     out = {"q": q_loss, "v": v_loss, "cql": cql, "rows": rows, "q_sa": torch.stack(q_sa_all).mean(0), "v_s": v_s}
     if lm_weight is not None:
