@@ -111,7 +111,7 @@ def stats_fwd(x, tgt, inv_temp, ignore_index, lp_out, lse_out, ent_out):
     if ent_out is None:
         # rare: rows whose unshifted sum overflowed/underflowed get the max shift
         bad = ((ssum < tiny) | ~torch.isfinite(ssum)).nonzero().flatten().tolist()
-        buf = scratch(1, V, acc, x.device)
+        buf = scratch(1, V, acc, x.device) if bad else None
         for k in bad:
             row = slice(k, k + 1)
             shifted(x[row].to(acc) if upcast else x[row], buf, row)
