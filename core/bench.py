@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from rlhfzoo.config import apply_overrides, read_yaml
+from rlhfzoo.errors import UserError
 from rlhfzoo.registry import UnknownNameError, registry
 
 BASELINE = "sft-baseline"
@@ -82,7 +83,7 @@ def resolve_names(names: list[str]) -> list[tuple[str, str]]:
     return resolved
 
 
-class BenchError(Exception):
+class BenchError(UserError):
     pass
 
 

@@ -15,25 +15,10 @@ from typing import Any
 import yaml
 
 from rlhfzoo import __version__
-from rlhfzoo.registry import KINDS, RegistryError, registry
+from rlhfzoo.errors import UserError
+from rlhfzoo.registry import KINDS, registry
 
 EXIT_USER_ERROR = 2
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from rlhfzoo.config import ConfigError
-    from rlhfzoo.trainer import TrainingError
-
-    from rlhfzoo.bench import BenchError
-
-    errors: list[type[BaseException]] = [ConfigError, RegistryError, TrainingError, BenchError]
-    try:
-        from rlhfzoo.data.jsonl import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def _kind_arg(value: str) -> str:
@@ -237,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="rlhfzoo.registry")
     try:
         return args.func(args)
-    except user_errors() as e:
+    except UserError as e:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

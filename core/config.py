@@ -27,11 +27,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
+from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import PluginConfig
 from rlhfzoo.registry import Entry, RegistryError, UnknownNameError, registry
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """One or more problems with a config, each as (dotted path, message)."""
 
     def __init__(self, errors: list[tuple[str, str]], source: str | None = None):

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import pluggy
 
 from rlhfzoo import hookspecs
+from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Objective, Plugin, Policy, RewardSource, Task
 
 ENTRY_POINT_GROUP = "rlhfzoo"
@@ -73,7 +74,7 @@ KINDS: dict[str, Kind] = {
 }
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """Base class of registry errors; their messages are meant for users."""
 
 

@@ -36,11 +36,12 @@ import torch
 
 from rlhfzoo import artifacts
 from rlhfzoo.config import RunConfig
+from rlhfzoo.errors import UserError
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import Batch, Objective, Policy, RewardSource, Task
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run stopped for a reason the user can act on (message says what and where)."""
 
 

@@ -17,12 +17,14 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from rlhfzoo.errors import UserError
+
 __all__ = ["DataError", "read_jsonl", "check_fields", "is_gzip"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the contents of a data file or dataset, meant to be shown to the user.
 
     `source` names the file (or dataset) and `line` the 1-based line or row, where known.
