@@ -4,8 +4,11 @@
     reward = (N - 5.5) / 4.5          in [-1, 1]
 
 Output without a parseable rating (or a request that failed after its retries) gets
-`fallback_reward` and is counted in `metrics()` (`judge_unparseable`, `judge_failed`); with
-`on_failure: raise` it is an error instead. Never a silent zero.
+`fallback_reward` and is counted in `metrics()` (`judge_unparseable`, `judge_failed`,
+`judge_fallbacks`, `judge_fallback_rate`, which end up in summary.json); with `on_failure: raise`
+it is an error instead. Never a silent zero, and never a run trained on fallbacks: when more than
+`max_failure_rate` of one `score` call's responses (one iteration's batch) fall back, the judge is
+broken and training stops with a `JudgeError` saying how many failed and why.
 
 Pairwise mode, `compare(prompts, a, b)`: "which is better, A or B" (MT-Bench pairwise,
 verdict `[[A]]`, `[[B]]` or `[[C]]` for a tie), judged in both orders to cancel position bias;
@@ -17,24 +20,16 @@ Backends:
   (`judge: {name: hf, init: <dir>}`); `init: auto` is the task's cached judge, trained by the
   `sft` objective on the task's critique data (`configs/critique_judge.yaml` does the same by hand).
 * `http`: an OpenAI-compatible chat-completions endpoint (`url`), the key read from the
-  environment variable named by `api_key_env` (never logged), with a timeout per request,
-  retries with exponential back-off, and at most `concurrency` requests in flight.
+  environment variable named by `api_key_env` (never logged, never sent anywhere but `url`:
+  redirects are refused), with a timeout per request, retries with exponential back-off, and at
+  most `concurrency` requests in flight.
+Both live in `_judge_backends`.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
 import re
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-import warnings
-from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -43,6 +38,7 @@ from pydantic import Field, model_validator
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import PluginConfig, RewardSource
+from rlhfzoo.plugins._judge_backends import HTTPJudge, JudgeBackend, JudgeError, PolicyJudge
 
 SINGLE_SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to the "
@@ -92,135 +88,6 @@ def parse_verdict(text: str | None) -> str | None:
         return None
     found = _VERDICT.findall(text)
     return found[-1] if found else None
-
-
-# ------------------------------------------------------------------------------ backends
-
-
-class JudgeError(RuntimeError):
-    """The judge cannot be used as configured (e.g. the endpoint rejects the request or the key)."""
-
-
-class JudgeBackend(ABC):
-    """Generates one completion per user message; None where a request failed for good."""
-
-    @abstractmethod
-    def complete(self, system: str | None, users: Sequence[str]) -> list[str | None]: ...
-
-    def metrics(self) -> dict[str, float]:
-        return {}
-
-
-class PolicyJudge(JudgeBackend):
-    """A registered policy writes the critiques (greedy with `top_k: 1`), in batches, without
-    disturbing the caller's random state."""
-
-    def __init__(self, policy: Any, batch_size: int = 64):
-        self.policy = policy
-        self.batch_size = batch_size
-        policy.module.requires_grad_(False)
-        policy.module.eval()
-        if torch.cuda.is_available():
-            policy.module.to("cuda")
-
-    def complete(self, system, users):
-        prompts = [f"{system}\n\n{u}" if system else u for u in users]
-        out: list[str | None] = []
-        with torch.random.fork_rng(devices=[]):
-            for k in range(0, len(prompts), self.batch_size):
-                out += list(self.policy.generate(prompts[k : k + self.batch_size]).responses)
-        return out
-
-
-class HTTPJudge(JudgeBackend):
-    """An OpenAI-compatible chat-completions endpoint, stdlib only (urllib + a thread pool)."""
-
-    RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
-
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        api_key_env: str | None = None,
-        timeout: float = 30.0,
-        retries: int = 2,
-        retry_backoff: float = 0.5,
-        concurrency: int = 4,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-    ):
-        base = url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, retry_backoff
-        self.concurrency, self.max_tokens, self.temperature = concurrency, max_tokens, temperature
-        self._headers = {"Content-Type": "application/json"}
-        self.api_key_env = api_key_env
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if key:
-                self._headers["Authorization"] = f"Bearer {key}"
-            else:
-                warnings.warn(f"critique: ${api_key_env} is not set; calling {self.url} without an API key", stacklevel=2)
-        self._lock = threading.Lock()
-        self.counts = {"requests": 0, "retries": 0, "timeouts": 0, "bad_responses": 0, "http_errors": 0, "failed": 0}
-
-    def __repr__(self) -> str:  # never show the key
-        return f"HTTPJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self.counts[key] += 1
-
-    @staticmethod
-    def _content(raw: bytes) -> str:
-        """The first choice's message text of a chat-completions answer; ValueError when it is not one."""
-        try:
-            data = json.loads(raw.decode("utf-8"))
-            content = data["choices"][0]["message"]["content"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"not a chat-completions response ({type(e).__name__}): {raw[:120]!r}") from None
-        if not isinstance(content, str):
-            raise ValueError(f"message content is {type(content).__name__}, not text")
-        return content
-
-    def _request(self, system: str | None, user: str) -> str | None:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        body = json.dumps({
-            "model": self.model, "messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature,
-        }).encode()
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self._count("retries")
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            self._count("requests")
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-                return self._content(raw)
-            except urllib.error.HTTPError as e:
-                self._count("http_errors")
-                if e.code not in self.RETRYABLE:
-                    detail = e.read()[:200].decode("utf-8", "replace")
-                    hint = f" (check the key in ${self.api_key_env})" if e.code in (401, 403) else ""
-                    raise JudgeError(f"judge endpoint {self.url} answered HTTP {e.code}{hint}: {detail}") from None
-            except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                self._count("timeouts" if isinstance(reason, TimeoutError) or isinstance(e, TimeoutError) else "http_errors")
-            except (ValueError, http.client.HTTPException):  # garbled body, status line or length
-                self._count("bad_responses")
-        self._count("failed")
-        return None
-
-    def complete(self, system, users):
-        if not users:
-            return []
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(users))) as pool:
-            return list(pool.map(lambda u: self._request(system, u), users))
-
-    def metrics(self):
-        with self._lock:
-            return {f"http_{k}": float(v) for k, v in self.counts.items()}
 
 
 # ------------------------------------------------------------------------------ the judge stage
@@ -293,6 +160,11 @@ class CritiqueConfig(PluginConfig):
     )
     fallback_reward: float = Field(0.0, description="Reward of output without a parseable [[N]] or of a failed request (counted).")
     on_failure: Literal["fallback", "raise"] = Field("fallback", description="`fallback`: use fallback_reward and count it; `raise`: an error.")
+    max_failure_rate: float = Field(
+        0.2, ge=0, le=1,
+        description="With on_failure: fallback, stop with an error when more than this fraction of one score() call's "
+        "responses (one iteration's batch) get fallback_reward; 1: never stop.",
+    )
     url: str | None = Field(None, description="http backend: base URL (…/v1) or full chat-completions URL.")
     model: str | None = Field(None, description="http backend: the model name sent with each request.")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="http backend: environment variable holding the API key (the key is never logged).")
@@ -372,13 +244,6 @@ class CritiqueReward(RewardSource):
             opts["init"] = str(judge_path(self.task))
         return PolicyJudge(entry.cls(entry.cls.Config(**opts), task=self.task), c.batch_size)
 
-    def _fallback(self, what: str, text: str | None) -> float:
-        self.counts[what] += 1
-        if self.config.on_failure == "raise":
-            reason = "request failed" if what == "failed" else f"no [[rating]] in {text!r:.120}"
-            raise JudgeError(f"critique: judge output unusable ({reason}); set on_failure: fallback to count it instead")
-        return self.config.fallback_reward
-
     def critiques(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str | None]:
         """The judge's raw critiques (None where a request failed)."""
         if len(prompts) != len(responses):
@@ -386,16 +251,45 @@ class CritiqueReward(RewardSource):
         return self.backend.complete(self.system, [self.format(p, r) for p, r in zip(prompts, responses)])
 
     def score(self, prompts, responses) -> torch.Tensor:
-        rewards = []
+        rewards, failed, unrated = [], 0, []
         for text in self.critiques(prompts, responses):
             n = parse_rating(text)
-            if n is None:
-                rewards.append(self._fallback("failed" if text is None else "unparseable", text))
-            else:
+            if n is not None:
                 self.rating_sum += n
                 rewards.append(rating_to_reward(n))
+                continue
+            if text is None:  # the request failed for good
+                failed += 1
+            else:
+                unrated.append(text)
+            rewards.append(self.config.fallback_reward)
         self.counts["calls"] += len(rewards)
+        self.counts["failed"] += failed
+        self.counts["unparseable"] += len(unrated)
+        if failed or unrated:
+            self._check_fallbacks(len(rewards), failed, unrated)
         return torch.tensor(rewards, dtype=torch.float32)
+
+    def _check_fallbacks(self, total: int, failed: int, unrated: list[str]) -> None:
+        """Raise a JudgeError when these fallbacks are not allowed: any at all with `on_failure:
+        raise`, else more than `max_failure_rate` of the batch. The message says why, without secrets."""
+        c, backend = self.config, self.backend
+        reasons = []
+        if failed:
+            reasons.append(f"last failure at {backend.where}: {backend.last_failure or 'request failed'}")
+        if unrated:
+            reasons.append(backend.redact(f"no [[rating]] in {unrated[-1]!r:.120}"))
+        why = "; ".join(reasons)
+        if c.on_failure == "raise":
+            raise JudgeError(f"critique: judge output unusable ({why}); set on_failure: fallback to count it instead")
+        k = failed + len(unrated)
+        if k / total > c.max_failure_rate:
+            raise JudgeError(
+                f"critique: {k} of {total} judge requests of this batch got no rating ({failed} failed, {len(unrated)} "
+                f"without a [[rating]]), more than max_failure_rate={c.max_failure_rate:g}; {why}. Make {backend.where} "
+                "answer with a [[rating]] (is it up? are its settings and the template right?), or raise the critique "
+                "reward's max_failure_rate (1: never stop)"
+            )
 
     def compare(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> torch.Tensor:
         """Pairwise verdicts [B] float32: +1 A is better, -1 B is better, 0 a tie -- or the two orders
@@ -428,7 +322,8 @@ class CritiqueReward(RewardSource):
         c = self.counts
         scored = c["calls"] - c["unparseable"] - c["failed"]
         out = {f"judge_{k}": float(v) for k, v in c.items() if not k.startswith("compare")}
-        out["judge_fallback_rate"] = (c["unparseable"] + c["failed"]) / max(1, c["calls"])
+        out["judge_fallbacks"] = float(c["unparseable"] + c["failed"])
+        out["judge_fallback_rate"] = out["judge_fallbacks"] / max(1, c["calls"])
         if scored:
             out["judge_mean_rating"] = self.rating_sum / scored
         if c["compare_pairs"]:

@@ -1,6 +1,8 @@
-"""The critique (LLM-as-a-judge) reward: the rating parser and fallback counting, pairwise
-comparison in both orders, the HTTP backend against a local server (timeouts, garbage, retries,
-concurrency, the key), config checks, and a tiny judge trained on sentiment's critiques."""
+"""The critique (LLM-as-a-judge) reward: the rating parser, fallback counting and the stop past
+`max_failure_rate`, pairwise comparison in both orders, the HTTP backend against a local server
+(timeouts, garbage, retries, concurrency, the key, a failing endpoint ending `rlhfzoo train` with
+exit 2), config checks, and a tiny judge trained on sentiment's critiques. The backends' own
+safety (redirects, redaction) is in test_judge_backends.py."""
 
 import json
 import threading
@@ -10,7 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from rlhfzoo.cli import main as cli_main
 from rlhfzoo.config import load_config
+from rlhfzoo.errors import UserError
 from rlhfzoo.plugins.critique import (
     CritiqueReward,
     HTTPJudge,
@@ -22,6 +26,7 @@ from rlhfzoo.plugins.critique import (
 )
 from rlhfzoo.plugins.sentiment import SentimentTask
 from rlhfzoo.reward_models import spearman
+from rlhfzoo.testing import contract_config
 
 # ------------------------------------------------------------------------------ parsing
 
@@ -65,7 +70,10 @@ class Scripted(JudgeBackend):
 
     def complete(self, system, users):
         self.seen += list(users)
-        return [self.answer(u) for u in users]
+        out = [self.answer(u) for u in users]
+        if None in out:
+            self.last_failure = "scripted failure"
+        return out
 
 
 def critique(answer, **options):
@@ -75,19 +83,45 @@ def critique(answer, **options):
 
 def test_score_maps_ratings_and_counts_fallbacks():
     answers = {"good": "fine answer [[10]]", "bad": "poor [[1]]", "garbage": "I cannot rate this", "down": None}
-    src = critique(lambda u: answers[u.split("A: ")[1]], fallback_reward=-0.25)
+    src = critique(lambda u: answers[u.split("A: ")[1]], fallback_reward=-0.25, max_failure_rate=0.5)
     r = src.score(["q"] * 4, ["good", "bad", "garbage", "down"])
     assert r.dtype == torch.float32 and r.tolist() == pytest.approx([1.0, -1.0, -0.25, -0.25])
     m = src.metrics()
-    assert m["judge_calls"] == 4 and m["judge_unparseable"] == 1 and m["judge_failed"] == 1
+    assert m["judge_calls"] == 4 and m["judge_unparseable"] == 1 and m["judge_failed"] == 1 and m["judge_fallbacks"] == 2
     assert m["judge_fallback_rate"] == pytest.approx(0.5) and m["judge_mean_rating"] == pytest.approx(5.5)
     assert src.backend.seen[0] == "Q: q\nA: good"
 
 
 def test_on_failure_raise():
     src = critique(lambda u: "no rating here", on_failure="raise")
-    with pytest.raises(JudgeError, match="no \\[\\[rating\\]\\]"):
+    with pytest.raises(JudgeError, match="no \\[\\[rating\\]\\]") as e:
         src.score(["q"], ["r"])
+    assert isinstance(e.value, UserError)  # the command line prints one message and exits 2
+
+
+def test_too_many_failures_in_one_batch_stop_with_a_clear_error():
+    """A judge that fails every request must not train on fallback rewards to the end."""
+    src = critique(lambda u: None if "down" in u else "no rating here" if "odd" in u else "ok [[8]]")
+    with pytest.raises(JudgeError) as e:
+        src.score(["q"] * 5, ["down", "down", "odd", "fine", "fine"])
+    message = str(e.value)
+    assert "3 of 5" in message and "2 failed" in message and "1 without a [[rating]]" in message
+    assert "max_failure_rate" in message and "0.2" in message and "scripted failure" in message
+    assert isinstance(e.value, UserError)
+    assert src.metrics()["judge_fallbacks"] == 3  # counted before stopping
+
+
+def test_failures_up_to_the_rate_are_counted_and_reported():
+    src = critique(lambda u: None if "down" in u else "ok [[8]]")
+    src.score(["q"] * 5, ["down", "a", "b", "c", "d"])  # 1 of 5 = 0.2: not more than the default
+    src.score(["q"] * 5, ["a"] * 5)
+    m = src.metrics()
+    assert m["judge_fallbacks"] == 1 and m["judge_failed"] == 1 and m["judge_fallback_rate"] == pytest.approx(0.1)
+    with pytest.raises(JudgeError, match="1 of 1"):
+        src.score(["q"], ["down"])
+    never = critique(lambda u: None, max_failure_rate=1.0)
+    assert never.score(["q"] * 3, ["a"] * 3).tolist() == [0.0] * 3
+    assert never.metrics()["judge_fallback_rate"] == 1.0
 
 
 def test_compare_judges_both_orders_and_reports_disagreement():
@@ -125,6 +159,11 @@ def test_config_checks():
         CritiqueReward.Config(judge={"name": "hf", "init": "auto", "top_kk": 1})
     with pytest.raises(ValueError):
         CritiqueReward.Config(judge={"name": "nope"})
+    assert CritiqueReward.Config(max_failure_rate=0.5).max_failure_rate == 0.5
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="max_failure_rate") as e:
+            CritiqueReward.Config(max_failure_rate=bad)
+        assert "Extra inputs" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------ HTTP backend
@@ -134,6 +173,7 @@ class FakeChat(BaseHTTPRequestHandler):
     """A chat-completions endpoint whose behaviour is chosen by the user message."""
 
     calls: list = []
+    forced = None  # (status, body): the answer to every request, whatever it asks
     in_flight = 0
     max_in_flight = 0
     lock = threading.Lock()
@@ -154,7 +194,9 @@ class FakeChat(BaseHTTPRequestHandler):
                 time.sleep(1.0)
             elif "BUSY" in user:
                 time.sleep(0.1)
-            if "GARBAGE" in user:
+            if cls.forced:
+                status, payload = cls.forced
+            elif "GARBAGE" in user:
                 payload, status = b"<html>502 proxy error</html>", 200
             elif "DENIED" in user:
                 payload, status = b'{"error": "bad key"}', 401
@@ -178,7 +220,7 @@ class FakeChat(BaseHTTPRequestHandler):
 @pytest.fixture
 def server(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # never route the local server through a proxy
-    FakeChat.calls, FakeChat.in_flight, FakeChat.max_in_flight = [], 0, 0
+    FakeChat.calls, FakeChat.forced, FakeChat.in_flight, FakeChat.max_in_flight = [], None, 0, 0
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeChat)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -207,7 +249,7 @@ def test_http_backend_scores_with_the_key_from_the_environment(server, monkeypat
 
 def test_http_timeout_and_garbage_fall_back_and_are_counted(server, monkeypatch):
     monkeypatch.setenv("RLHFZOO_TEST_JUDGE_KEY", "k")
-    src = http_critique(server, fallback_reward=-1.0)
+    src = http_critique(server, fallback_reward=-1.0, max_failure_rate=0.5)
     start = time.time()
     r = src.score(["q"] * 4, ["good", "SLOW good", "GARBAGE good", "FLAKY good"])
     assert time.time() - start < 3.0  # two tries of 0.3 s, not the server's 1 s
@@ -237,9 +279,38 @@ def test_http_unreachable_endpoint_falls_back(monkeypatch):
     monkeypatch.delenv("RLHFZOO_TEST_JUDGE_KEY", raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     with pytest.warns(UserWarning, match="RLHFZOO_TEST_JUDGE_KEY"):
-        src = http_critique("http://127.0.0.1:9/v1", retries=0)  # discard port: connection refused
+        src = http_critique("http://127.0.0.1:9/v1", retries=0, max_failure_rate=1.0)  # discard port: connection refused
     assert src.score(["q"], ["r"]).tolist() == [0.0]
     assert src.metrics()["judge_failed"] == 1.0
+
+
+def test_http_judge_failing_every_request_stops_without_the_key(server, monkeypatch, capsys):
+    monkeypatch.setenv("RLHFZOO_TEST_JUDGE_KEY", "sk-secret-999")
+    FakeChat.forced = (500, b'{"error": "overloaded; your request had Authorization: Bearer sk-secret-999"}')
+    src = http_critique(server)
+    with pytest.raises(JudgeError) as e:
+        src.score(["q"] * 2, ["a", "b"])
+    message = str(e.value)
+    assert "2 of 2" in message and "HTTP 500" in message and server in message and "Bearer ***" in message
+    assert "sk-secret-999" not in message and "sk-secret-999" not in "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize("status", [401, 500])
+def test_a_failing_judge_endpoint_ends_training_with_one_message_and_exit_2(server, monkeypatch, tmp_path, capsys, status):
+    """`rlhfzoo train` with a judge that rejects the key (401) or fails every request (500):
+    exit 2 and one `error:` line naming the endpoint, not a traceback nor a run trained on fallbacks."""
+    monkeypatch.setenv("RLHFZOO_TEST_JUDGE_KEY", "sk-secret-999")
+    FakeChat.forced = (status, b'{"error": "no luck for Bearer sk-secret-999"}')
+    data = contract_config("a2c", tmp_path / "run", reward=None)
+    data["reward"] = {"name": "critique", "backend": "http", "url": server, "model": "judge-1",
+                      "api_key_env": "RLHFZOO_TEST_JUDGE_KEY", "timeout": 2.0, "retries": 0}
+    (tmp_path / "judge.yaml").write_text(json.dumps(data))
+    assert cli_main(["train", str(tmp_path / "judge.yaml")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and server in errors[0] and f"HTTP {status}" in errors[0], err
+    assert "Traceback" not in err and "sk-secret-999" not in err
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_http_compare(server, monkeypatch):
