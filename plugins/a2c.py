@@ -8,7 +8,7 @@ One gradient step per batch of fresh samples (on-policy, so no importance ratio 
     L_VF = 0.5 E_t[(V_t - R_t)^2]
     L    = L_PG + c_1 L_VF - c_2 H[pi](s_t) + beta E_t[k_t]  (+ ptx_coef NLL_demos)
 
-A_t and R_t come from `rlhfzoo.experience` (GAE; lam = 1 gives Monte-Carlo returns minus the
+A_t and R_t come from `rlhfzoo.plugins.actor_critic` (GAE; lam = 1 gives Monte-Carlo returns minus the
 baseline). By default the KL penalty to the reference is in the loss, as in GopherCite, with the
 k2 estimator k_t = (log pi/pi_ref)^2 / 2, whose gradient is that of KL(pi || pi_ref) in
 expectation on on-policy samples; `kl_penalty: reward` puts it in the reward instead.
@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.experience import ActorCriticObjective, ExperienceConfig
+from rlhfzoo.plugins.actor_critic import ActorCriticObjective, ExperienceConfig
 from rlhfzoo.interfaces import LossOutput
 from rlhfzoo.ops import masked_mean
 

@@ -1,7 +1,7 @@
 """PPO with the clipped surrogate (Schulman et al. 2017, arXiv:1707.06347), as used for RLHF by
 Ziegler et al. 2019 (arXiv:1909.08593) and InstructGPT (arXiv:2203.02155).
 
-Experience (`rlhfzoo.experience`): per-token rewards r_t = -beta k_t plus the sequence score on
+Experience (`rlhfzoo.plugins.actor_critic`): per-token rewards r_t = -beta k_t plus the sequence score on
 the last response token, GAE advantages A_t (whitened), returns R_t. Then `epochs` passes of
 shuffled minibatches, one optimizer step each, minimising
 
@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.experience import ActorCriticObjective, ExperienceConfig
+from rlhfzoo.plugins.actor_critic import ActorCriticObjective, ExperienceConfig
 from rlhfzoo.interfaces import LossOutput
 from rlhfzoo.ops import AdaptiveKLController, FixedKLController, apply_mask, masked_mean
 

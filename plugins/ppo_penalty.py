@@ -1,6 +1,6 @@
 """PPO with an adaptive KL penalty instead of clipping (Schulman et al. 2017, arXiv:1707.06347, Sec. 4).
 
-Same experience as `ppo-clip` (`rlhfzoo.experience`: KL-to-reference penalty in the reward, GAE,
+Same experience as `ppo-clip` (`rlhfzoo.plugins.actor_critic`: KL-to-reference penalty in the reward, GAE,
 whitened advantages). The surrogate is not clipped; a penalty on the move away from the sampling
 policy keeps each update small:
 
@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl, kernels
-from rlhfzoo.experience import ActorCriticObjective, ExperienceConfig
+from rlhfzoo.plugins.actor_critic import ActorCriticObjective, ExperienceConfig
 from rlhfzoo.interfaces import LossOutput
 from rlhfzoo.ops import masked_mean
 

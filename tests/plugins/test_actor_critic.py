@@ -1,4 +1,4 @@
-"""rlhfzoo.experience: per-token rewards (KL in the reward or in the loss), GAE, truncation
+"""rlhfzoo.plugins.actor_critic: per-token rewards (KL in the reward or in the loss), GAE, truncation
 penalties, empty responses, reward normalisation, the KL guard, the pretraining mix, and the
 trainer stopping on non-finite rewards and exploding KL. Tiny scratch policies only."""
 
@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rlhfzoo import hookimpl, kernels
 from rlhfzoo.config import load_config
 from rlhfzoo.data.collate import Collator
-from rlhfzoo.experience import ExperienceConfig
+from rlhfzoo.plugins.actor_critic import ExperienceConfig
 from rlhfzoo.interfaces import RewardSource
 from rlhfzoo.ops import gae, last_index, masked_mean
 from rlhfzoo.plugins.a2c import A2C
