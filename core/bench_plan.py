@@ -1,0 +1,317 @@
+"""Planning `rlhfzoo bench`: which runs, with which configs, in which directories -- all checked
+before any run starts.
+
+`plan(args)` turns the command line into one `RunSpec` per (row, seed): the SFT baseline first,
+then every algorithm (one row per swept value). Everything a user can get wrong is found here
+and reported as one message (a `BenchError` or `ConfigError`) while nothing has run yet:
+meaningless counts, an unreadable or malformed `--config`, unknown names, a bad `--sweep`, and
+every problem of every run's config -- validated exactly as `rlhfzoo train` validates it, so a
+bad `--set` is reported in full before the baseline starts.
+
+Run directories are built only from safe file-name characters (a plugin's name or a swept value
+cannot hold a `/` or `..` that leads elsewhere) and must resolve inside `--out`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhfzoo.config import ConfigError, apply_overrides, read_yaml, resolve
+from rlhfzoo.errors import UserError
+from rlhfzoo.registry import UnknownNameError, registry
+
+BASELINE = "sft-baseline"
+DEFAULT_TRAIN = {"steps": 50, "batch_size": 16, "lr": 1e-4}
+BENCH_SECTIONS = ("task", "policy", "reward", "train")  # what --config and --set may set for every run
+IGNORED_SECTIONS = ("algorithm", "output_dir")  # set per run by the bench itself
+UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]")  # anything else in a run directory's name becomes `_`
+
+
+class BenchError(UserError):
+    """A bad bench command line or shared config; raised before anything runs."""
+
+
+@dataclass
+class RunSpec:
+    label: str  # row name: the algorithm, plus the swept value if any
+    name: str  # registered name
+    kind: str  # "objective" (trained) or "policy" (evaluated as is)
+    seed: int
+    config: dict[str, Any]  # the run config (objective) or {"task", "policy", "reward"} (policy)
+    directory: str
+    eval_prompts: int
+    variant: dict[str, Any] = field(default_factory=dict)
+
+
+def run_config(spec: RunSpec) -> dict[str, Any]:
+    """The config a run's worker loads: an objective's own; a policy row's with `sft` in the
+    `algorithm` section the config format requires (nothing is trained for it)."""
+    if spec.kind == "objective":
+        return spec.config
+    return {**spec.config, "algorithm": {"name": "sft"}}
+
+
+# ------------------------------------------------------------------------------------ the command line
+
+
+def check_counts(args) -> None:
+    """Counts that must be positive for a bench to mean anything."""
+    for flag, value, what in (("--seeds", args.seeds, "runs per algorithm"), ("--eval-prompts", args.eval_prompts, "held-out prompts each run is scored on")):
+        if value < 1:
+            raise BenchError(f"{flag} must be at least 1 ({what}), got {value}.")
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {out} is a file, not a directory. Pass a directory for the bench's outputs.")
+
+
+def read_base(args, source: str) -> dict[str, Any]:
+    """The sections shared by every run: `--config`, then every `--set`; each plugin section a
+    name or a mapping, `train` a mapping. `source` names them in errors."""
+    base: dict[str, Any] = {}
+    if args.config:
+        try:
+            base = read_yaml(args.config)
+        except OSError as e:
+            raise BenchError(
+                f"cannot read --config {args.config}: {e.strerror or e}. Pass a YAML file with task/policy/reward/train sections."
+            ) from None
+    base = apply_overrides(base, args.set or [])
+    problems = []
+    for key in base:
+        if key not in BENCH_SECTIONS and key not in IGNORED_SECTIONS:
+            close = difflib.get_close_matches(str(key), BENCH_SECTIONS, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            problems.append((str(key), f"unknown section.{hint} A bench config has the sections {', '.join(BENCH_SECTIONS)}."))
+    for section in ("task", "policy", "reward"):
+        if isinstance(base.get(section), str):
+            base[section] = {"name": base[section]}
+        elif base.get(section) is not None and not isinstance(base[section], dict):
+            problems.append((section, f"must be a registered name or a mapping with a `name`, got {base[section]!r}"))
+    if base.get("train") is not None and not isinstance(base["train"], dict):
+        problems.append(("train", f"must be a mapping of training settings, got {base['train']!r}"))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return base
+
+
+def parse_sweep(text: str | None) -> tuple[str | None, list[Any]]:
+    """`algorithm.KEY=v1,v2,...` -> (key, distinct values parsed as YAML)."""
+    if not text:
+        return None, []
+    usage = f"--sweep must look like algorithm.beta=0.05,0.1,0.5, got {text!r}"
+    key, sep, values = text.partition("=")
+    parts = key.split(".")
+    if not sep or len(parts) < 2 or parts[0] != "algorithm" or not all(parts):
+        raise BenchError(usage)
+    parsed, seen = [], set()
+    for raw in values.split(","):
+        if not raw.strip():
+            raise BenchError(f"{usage}: an empty value. Separate values by single commas.")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise BenchError(f"{usage}: {raw!r} is not a YAML value.") from None
+        if json.dumps(value, sort_keys=True, default=str) in seen:
+            raise BenchError(f"--sweep lists {raw!r} twice (as {value!r}). List each value once.")
+        seen.add(json.dumps(value, sort_keys=True, default=str))
+        parsed.append(value)
+    return key, parsed
+
+
+# ------------------------------------------------------------------------------------ names
+
+
+def resolve_names(names: list[str]) -> list[tuple[str, str]]:
+    """(kind, canonical name) for every algorithm, each once; all unknown names reported at once."""
+    resolved, unknown = [], []
+    for name in names:
+        found = [e for e in registry.find(name) if e.kind in ("objective", "policy")]
+        if not found:
+            unknown.append(name)
+            continue
+        entry = next((e for e in found if e.kind == "objective"), found[0])
+        if (entry.kind, entry.name) not in resolved:  # `dpo,dpo` or a name and its alias: one row
+            resolved.append((entry.kind, entry.name))
+    if unknown:
+        choices = registry.names("objective") + [n for n in registry.names("policy") if n != "hf"]
+        messages = [str(UnknownNameError("objective", n, choices)).split("\n")[0] for n in unknown]
+        raise UnknownNameError("objective", unknown[0], choices) if len(unknown) == 1 else BenchError(
+            "\n".join(messages) + f"\nAlgorithms available: {', '.join(choices)}. Nothing was run."
+        )
+    return resolved
+
+
+def default_reward(task_name: str) -> dict[str, Any]:
+    """The proxy reward online algorithms train against: the task's cached reward model."""
+    try:
+        registry.get("reward_source", "reward-model")
+        return {"name": "reward-model", "path": "auto"}
+    except UnknownNameError:
+        return {"name": "gold"}
+
+
+def builtin_algorithms() -> list[str]:
+    """Every built-in objective and policy that declares itself a benchmark contender."""
+    return [
+        e.name
+        for kind in ("objective", "policy")
+        for e in registry.entries(kind)
+        if e.package == "rlhfzoo" and getattr(e.cls, "benchmark", False)
+    ]
+
+
+def default_algorithms(task: dict[str, Any]) -> list[str]:
+    """What runs without `--algorithms`: every built-in contender; on a task without a gold reward
+    (its sampled responses cannot be scored), the built-in offline objectives whose data kind the
+    task provides, plus the reward model (`bradley-terry`), all compared by held-out pair accuracy."""
+    instance = registry.create("task", task["name"], {k: v for k, v in task.items() if k != "name"})
+    if instance.has_gold_reward:
+        return builtin_algorithms()
+
+    def provides(kind: str) -> bool:
+        try:
+            return bool(instance.examples(kind, split="train"))
+        except (ValueError, KeyError, NotImplementedError):
+            return False
+
+    offline = [
+        e.name
+        for e in registry.entries("objective")
+        if e.package == "rlhfzoo" and e.cls.benchmark and not e.cls.online and provides(e.cls.data_kind)
+    ]
+    return offline + [n for n in ("bradley-terry",) if n not in offline]
+
+
+# ------------------------------------------------------------------------------------ directories
+
+
+def run_directory(out: str | Path, label: str, seed: int) -> str:
+    """`<out>/runs/<label as a safe name>/seed-<seed>`. Spaces become `_` and `=` `-` (as in
+    `dpo_beta-0.1`); any other character outside [A-Za-z0-9._+-] (`/`, `\\`, NUL...) becomes
+    `_`, and leading dots are dropped, so the name is one plain component. The directory must
+    also resolve inside `out` (a symbolic link in the way is refused)."""
+    slug = UNSAFE_CHARACTERS.sub("_", label.replace(" ", "_").replace("=", "-")).lstrip(".") or "_"
+    directory = Path(out) / "runs" / slug / f"seed-{seed}"
+    root = Path(out).resolve()
+    if not directory.resolve().is_relative_to(root):
+        raise BenchError(
+            f"the run directory {directory} of row {label!r} resolves to {directory.resolve()}, outside --out {root} "
+            "(a symbolic link?). Remove the link or choose another --out."
+        )
+    return str(directory)
+
+
+def check_distinct_directories(specs: list[RunSpec]) -> None:
+    owners: dict[str, RunSpec] = {}
+    for spec in specs:
+        other = owners.setdefault(spec.directory, spec)
+        if other is not spec:
+            raise BenchError(
+                f"rows {other.label!r} and {spec.label!r} would share the run directory {spec.directory}. "
+                "Their names differ only in characters a directory name cannot hold; rename one or drop it from --algorithms/--sweep."
+            )
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def check_task(task: dict[str, Any], source: str) -> None:
+    """The shared task section, validated before it is built to list the default algorithms."""
+    try:
+        resolve({"task": task, "algorithm": {"name": "sft"}})
+    except ConfigError as e:
+        raise ConfigError(e.errors, source=source) from None
+
+
+def validate_configs(specs: list[RunSpec], source: str) -> None:
+    """Every run's config, validated as `rlhfzoo train` validates it, before any run starts: one
+    error listing every problem once, with the rows it concerns when not all of them. `source`
+    names what the configs came from (`--config FILE, --set`), where they are to be fixed."""
+    problems: dict[str, list[str]] = {}
+    for spec in specs:
+        try:
+            resolve(run_config(spec))
+        except ConfigError as e:
+            for path, message in e.errors:
+                rows = problems.setdefault(f"{path or '<top>'}: {message}", [])
+                if spec.label not in rows:
+                    rows.append(spec.label)
+    if not problems:
+        return
+    labels = list(dict.fromkeys(s.label for s in specs))
+    lines = [f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with the runs' configs; nothing was run:"]
+    for problem, rows in problems.items():
+        lines.append(f"  {problem}" + ("" if rows == labels else f"  [in: {', '.join(rows)}]"))
+    lines.append(f"Fix them in {source} (the keys of a `rlhfzoo train` config).")
+    raise BenchError("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+
+def plan(args) -> list[RunSpec]:
+    """Every run of the bench, each name resolved and each config validated; raises before
+    anything is created or run."""
+    check_counts(args)
+    out = Path(args.out)
+    check_out(out)
+    given = (args.config and f"--config {args.config}", args.set and "--set", args.sweep and "--sweep", args.reward and f"--reward {args.reward}")
+    source = ", ".join(x for x in given if x) or f"--task {args.task}"  # where the runs' configs come from
+    base = read_base(args, source)
+    task = {"name": args.task, **(base.get("task") or {})}  # --config's task name wins over --task
+    if not args.config:
+        task["name"] = args.task
+    policy = {"name": "hf", **base["policy"]} if base.get("policy") else {"name": "hf", "init": "sft"}
+    reward = base.get("reward") or (default_reward(task["name"]) if not args.reward else {"name": args.reward})
+    train_base = base.get("train") or {}
+    if args.algorithms is None:
+        check_task(task, source)
+        algorithms = ",".join(default_algorithms(task))
+    else:
+        algorithms = args.algorithms
+    names = resolve_names([n.strip() for n in algorithms.split(",") if n.strip()])
+    sweep_key, sweep_values = parse_sweep(args.sweep)
+    swept = set()
+    specs: list[RunSpec] = []
+    for seed in range(args.seeds):
+        d = run_directory(out, BASELINE, seed)
+        specs.append(RunSpec(BASELINE, "hf", "policy", seed, {"task": task, "policy": policy, "reward": reward}, d, args.eval_prompts))
+    for kind, name in names:
+        entry = registry.get(kind, name)
+        variants: list[dict[str, Any]] = [{}]
+        if sweep_key and kind == "objective" and sweep_key.split(".")[1] in entry.cls.Config.model_fields:
+            variants = [{sweep_key: v} for v in sweep_values]
+            swept.add(name)
+        for variant in variants:
+            label = name + "".join(f" {k.split('.')[-1]}={v}" for k, v in variant.items())
+            for seed in range(args.seeds):
+                d = run_directory(out, label, seed)
+                if kind == "policy":
+                    pol = {"name": name, "base": policy, "reward": reward}
+                    cfg = {"task": task, "policy": pol, "reward": reward}
+                else:
+                    train = {**DEFAULT_TRAIN, **entry.cls.train_defaults, **train_base}
+                    train.update(seed=seed, eval_prompts=args.eval_prompts, progress=False)
+                    train.setdefault("eval_every", max(1, train["steps"] // 4) if isinstance(train["steps"], int) else 1)
+                    algorithm = {"name": name, **entry.cls.algorithm_defaults}
+                    cfg = {"task": task, "policy": policy, "algorithm": algorithm, "train": train, "output_dir": str(Path(d) / "train")}
+                    if entry.cls.online or entry.cls.needs_reward:
+                        cfg["reward"] = reward
+                    cfg = apply_overrides(cfg, [f"{k}={json.dumps(v, default=str)}" for k, v in variant.items()])
+                specs.append(RunSpec(label, name, kind, seed, cfg, d, args.eval_prompts, variant))
+    if sweep_key and not swept:
+        option = sweep_key.split(".")[1]
+        raise BenchError(f"--sweep {sweep_key}: none of the algorithms run ({', '.join(n for _, n in names) or 'none'}) has the option {option!r}. "
+                         "`rlhfzoo show NAME` lists an algorithm's options.")
+    check_distinct_directories(specs)
+    validate_configs(specs, source)
+    return specs

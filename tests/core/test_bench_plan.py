@@ -1,0 +1,103 @@
+"""Planning a bench: every bad argument, `--config`, `--set` or `--sweep` is one clear message
+(a UserError) before any run starts, and no run directory can lie outside `--out`."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rlhfzoo.bench import BenchError, build_parser, plan
+from rlhfzoo.cli import main as cli_main
+from rlhfzoo.errors import UserError
+
+
+def parse(*argv, out):
+    return build_parser().parse_args([*argv, "--out", str(out)])
+
+
+def inside(path: str, out: Path) -> bool:
+    return Path(path).resolve().is_relative_to(out.resolve())
+
+
+def test_seeds_0_is_one_message_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert cli_main(["bench", "--algorithms", "dpo", "--seeds", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --seeds must be at least 1") and "Traceback" not in err
+    assert not out.exists()  # nothing was run or written
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", "-2"), ("--eval-prompts", "0"), ("--eval-prompts", "-5")])
+def test_meaningless_counts_are_refused(flag, value, tmp_path):
+    with pytest.raises(BenchError, match=f"^{flag} must be at least 1"):
+        plan(parse("--algorithms", "dpo", flag, value, out=tmp_path))
+
+
+def test_a_bad_set_is_reported_in_full_before_any_run(tmp_path):
+    args = parse("--algorithms", "dpo,best-of-n", "--seeds", "2", "--set", "train.steps=0", "--set", "train.lr=-1",
+                 "--set", "policy.n_layr=1", out=tmp_path)
+    with pytest.raises(BenchError) as e:
+        plan(args)
+    message = str(e.value)
+    for key in ("train.steps", "train.lr", "policy.n_layr", "Did you mean 'n_layer'?"):  # every problem, not the first
+        assert key in message, message
+    assert message.count("policy.n_layr") == 1  # one problem shared by every run is reported once
+    assert not tmp_path.joinpath("runs").exists()
+
+
+def test_bad_task_options_are_a_user_error_without_algorithms(tmp_path):
+    with pytest.raises(UserError, match="task.bogus"):
+        plan(parse("--set", "task.bogus=1", out=tmp_path))
+
+
+def test_a_config_that_is_a_directory_or_has_bad_sections_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path)):
+        plan(parse("--algorithms", "dpo", "--config", str(tmp_path), out=tmp_path / "b"))
+    for text, where in (("task: 5\n", "task"), ("train: [1, 2]\n", "train"), ("trian: {steps: 2}\n", "trian")):
+        config = tmp_path / "bench.yaml"
+        config.write_text(text)
+        with pytest.raises(UserError, match=where):
+            plan(parse("--algorithms", "dpo", "--config", str(config), out=tmp_path / "b"))
+
+
+def test_a_path_in_a_sweep_value_cannot_leave_out(tmp_path):
+    out = tmp_path / "deep" / "b"
+    with pytest.raises(BenchError, match="algorithm.reference"):  # not a valid value: refused before any run
+        plan(parse("--algorithms", "dpo", "--seeds", "1", "--sweep", "algorithm.reference=cached,x/../../..", out=out))
+    assert not (tmp_path / "deep").exists()
+
+
+def test_duplicate_sweep_values_are_refused(tmp_path):
+    with pytest.raises(BenchError, match="--sweep"):
+        plan(parse("--algorithms", "dpo", "--sweep", "algorithm.beta=0.1,0.10", out=tmp_path))
+
+
+def test_run_directories_are_built_from_safe_components(tmp_path):
+    from rlhfzoo.bench_plan import run_directory
+
+    out = tmp_path / "b"
+    for label in ("../../evil", "x/../../..", "a/b", "..", ".hidden", "nul\0byte", "dpo beta=x/../../..", "C:\\temp"):
+        d = run_directory(out, label, 0)
+        assert inside(d, out / "runs"), (label, d)
+        name = Path(d).parent.name
+        assert name and not name.startswith(".") and "/" not in name and "\0" not in name and "\\" not in name
+    assert Path(run_directory(out, "dpo beta=0.1", 2)) == out / "runs" / "dpo_beta-0.1" / "seed-2"  # unchanged names
+
+
+def test_a_run_directory_resolving_outside_out_is_refused(tmp_path):
+    from rlhfzoo.bench_plan import run_directory
+
+    out, elsewhere = tmp_path / "b", tmp_path / "elsewhere"
+    (out / "runs").mkdir(parents=True)
+    elsewhere.mkdir()
+    os.symlink(elsewhere, out / "runs" / "dpo")
+    with pytest.raises(BenchError, match="outside"):
+        run_directory(out, "dpo", 0)
+
+
+def test_every_planned_run_lies_inside_out(tmp_path):
+    out = tmp_path / "b"
+    specs = plan(parse("--algorithms", "dpo,best-of-n", "--seeds", "2", "--sweep", "algorithm.beta=0.1,0.5", out=out))
+    assert {s.label for s in specs} == {"sft-baseline", "dpo beta=0.1", "dpo beta=0.5", "best-of-n"}
+    assert len({s.directory for s in specs}) == len(specs) == 8
+    assert all(inside(s.directory, out) for s in specs)
