@@ -6,7 +6,9 @@ An artifact is a directory `<cache>/<stage>/<key>/` where key hashes the stage's
 code version. It is built in a temporary sibling directory and moved into place with one
 `os.replace`, after a `MANIFEST.json` listing every file's size and SHA-256 has been written, so
 a killed build never leaves something that looks finished. On reuse the manifest is checked;
-a corrupt or partial artifact is rebuilt. A file lock serialises concurrent builders.
+a corrupt or partial artifact is rebuilt. A file lock serialises concurrent builders. A build
+killed outright (`kill -9`) leaves its temporary directory; the next use of the same key removes
+it, holding the key's lock, so that no live builder's directory is ever touched.
 
 The cache root is `$RLHFZOO_CACHE`, else `~/.cache/rlhfzoo`.
 """
@@ -77,6 +79,18 @@ def _locked(lock_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _leftover_builds(final: Path) -> list[Path]:
+    return list(final.parent.glob(f".{final.name}.tmp-*"))
+
+
+def _remove_leftover_builds(final: Path) -> None:
+    """Delete the temporary directories of earlier builds of this key. Call it only while holding
+    the key's lock: a builder makes its directory under the lock and renames or deletes it before
+    letting go, so any that is left then belongs to a builder that was killed."""
+    for tmp in _leftover_builds(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def artifact_path(stage: str, config: Any) -> Path:
     return cache_root() / stage / config_hash({"config": config, "code": CODE_VERSION})
 
@@ -84,9 +98,14 @@ def artifact_path(stage: str, config: Any) -> Path:
 def artifact(stage: str, config: Any, build: Callable[[Path], None], log: Callable[[str], None] | None = print) -> Path:
     """Return the directory of a finished artifact, building it first if needed."""
     final = artifact_path(stage, config)
+    lock = final.parent / f".{final.name}.lock"
     if verify(final):
+        if _leftover_builds(final):  # a build killed before another one finished the key
+            with _locked(lock):
+                _remove_leftover_builds(final)
         return final
-    with _locked(final.parent / f".{final.name}.lock"):
+    with _locked(lock):
+        _remove_leftover_builds(final)
         if verify(final):  # another process built it while we waited
             return final
         if final.exists():

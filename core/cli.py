@@ -55,9 +55,7 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     found = registry.find(args.name)
     if not found:
-        from rlhfzoo.registry import UnknownNameError
-
-        raise UnknownNameError("objective" if args.kind is None else args.kind, args.name, registry.all_names())
+        raise registry.missing(args.name, args.kind)
     if args.kind:
         found = [e for e in found if e.kind == args.kind] or found
     for e in found:

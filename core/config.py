@@ -11,7 +11,8 @@ A run config names a plugin per section and gives that plugin's options beside i
 
 Each named section is validated against the registered plugin's own `Config` class, `train`
 against `TrainConfig`. Every error is collected and reported at once, with its dotted path;
-unknown keys get a did-you-mean.
+unknown keys get a did-you-mean. A key given twice in one mapping is an error (plain YAML
+would silently keep the last), and so is a non-finite number (`.inf`, `.nan`) in any field.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ class ConfigError(UserError):
         self.source = source
         where = f" in {source}" if source else ""
         lines = [f"{len(errors)} problem{'s' if len(errors) != 1 else ''} with the config{where}:"]
-        lines += [f"  {path or '<top>'}: {msg}" for path, msg in errors]
+        lines += [f"  {path or '<top>'}: {msg}".replace("\n", "\n    ") for path, msg in errors]
         super().__init__("\n".join(lines))
+
+
+# AdamW moves every weight by about `lr` per step: above 1 no run learns anything, it only diverges.
+MAX_LR = 1.0
 
 
 class TrainConfig(PluginConfig):
@@ -52,7 +57,7 @@ class TrainConfig(PluginConfig):
         16, ge=1, description="Examples per optimizer step across all processes (online: prompts per iteration)."
     )
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step on each process.")
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate of AdamW.")
+    lr: float = Field(1e-4, gt=0, le=MAX_LR, description=f"Peak learning rate of AdamW (at most {MAX_LR:g}).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps at the start.")
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -128,12 +133,61 @@ def config_hash(obj: Any, length: int = 16) -> str:
 # ------------------------------------------------------------------------------------ loading
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping: `key`, and the 1-based `line`s of both."""
+
+    def __init__(self, key: str, first: yaml.Mark, again: yaml.Mark):
+        self.key, self.first_line, self.line = key, first.line + 1, again.line + 1
+        super().__init__(None, None, f"duplicate key {key!r} at line {self.line} (first given at line {self.first_line})", again)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain YAML loading keeps the last of two equal keys without a word, so a second `train:`
+    section would silently replace the first. Keys merged in with `<<: *anchor` may still be
+    overridden, as YAML intends.
+    """
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Check each mapping once, before flattening adds the merged-in keys to it.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            first: dict[tuple[str, str], yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in first:
+                    raise DuplicateKeyError(key_node.value, first[key], key_node.start_mark)
+                first[key] = key_node.start_mark
+        super().flatten_mapping(node)
+
+
+def parse_value(text: str) -> Any:
+    """A YAML value from the command line (`0.2`, `true`, `[1, 2]`, `{a: 1}`); raises DuplicateKeyError."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; every problem with the file is a ConfigError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([("", f"{path} is a directory. Pass the path of a YAML config file, e.g. configs/sft.yaml.")])
     if not path.exists():
         raise ConfigError([("", f"file not found: {path}. Pass the path of a YAML config, e.g. configs/sft.yaml.")])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise ConfigError(
+            [("", f"{e.problem}. A key may appear once per mapping (YAML would silently keep the last); "
+                  "keep one of them, or merge the two if they are sections.")],
+            source=str(path),
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -141,6 +195,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([("", f"malformed YAML{where}: {problem}. Fix the syntax there.")], source=str(path)) from None
     except UnicodeDecodeError as e:
         raise ConfigError([("", f"not UTF-8 text ({e}). Save the file as UTF-8.")], source=str(path)) from None
+    except OSError as e:
+        raise ConfigError([("", f"cannot read the file: {e.strerror or e}. Check its permissions.")], source=str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -158,7 +214,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             errors.append((item, "an override must look like section.key=value, e.g. algorithm.beta=0.2"))
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_value(raw) if raw != "" else ""
+        except DuplicateKeyError as e:
+            errors.append((item, f"duplicate key {e.key!r} in the value; give each key once"))
+            continue
         except yaml.YAMLError:
             value = raw
         node = data
@@ -185,6 +244,8 @@ def _pydantic_errors(err: ValidationError, prefix: str, model: type) -> list[tup
             msg += f" Valid keys: {', '.join(model.model_fields)}."
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] == "value_error":  # a plugin's own check: its message names the values
+            msg = str(e.get("ctx", {}).get("error", msg))
         else:
             msg = f"{msg} (got {e.get('input')!r})"
         out.append((loc, msg))

@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class PluginConfig(BaseModel):
-    """Base class of every plugin's `Config`: unknown keys are errors, every field is described."""
+    """Base class of every plugin's `Config`: unknown keys are errors, every field is described,
+    and no float field takes `inf` or `nan` (a non-finite `lr` or `beta` only produces NaN weights)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class EmptyConfig(PluginConfig):

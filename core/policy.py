@@ -11,18 +11,24 @@ inside the module's forward, so the same code runs under DDP/FSDP wrappers.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_model, save_model
 
 from rlhfzoo import hookimpl, kernels
 from rlhfzoo.data.collate import pad, prompt_ids
 from rlhfzoo.interfaces import Policy, PluginConfig, Rollout
+from rlhfzoo.pretrained import MODEL_FILES, TOKENIZER_FILES, check_source, load_error
+
+INIT_KEYWORDS = ("sft", "scratch")
+INIT_FIX = "Give `sft`, `scratch`, a directory written by `save_pretrained` (e.g. runs/sft/policy) or a hub id."
+TOKENIZER_FIX = "Give a directory written by a tokenizer's `save_pretrained`, a hub id, or leave it unset (the model's own)."
 
 
 class HFPolicyConfig(PluginConfig):
@@ -44,12 +50,50 @@ class HFPolicyConfig(PluginConfig):
         "`separate` (its own copy of the initial transformer, a separate critic model as in InstructGPT: twice the "
         "weights, no interference between the value and policy gradients). Saved under `critic/` in the policy directory.",
     )
-    max_length: int = Field(128, ge=4, description="Longest prompt + response in tokens; longer ones are truncated and counted.")
+    max_length: int = Field(
+        128, ge=4,
+        description="Longest prompt + response in tokens; longer ones are truncated and counted. At most `n_positions` "
+        "(a model from scratch cannot read further): left unset, it is lowered to `n_positions` when that is smaller.",
+    )
     max_new_tokens: int = Field(32, ge=1, description="Most tokens generated per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: all).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     seed: int = Field(0, description="Seed for the initialisation of a model from scratch.")
+
+    @field_validator("init")
+    @classmethod
+    def _init_names_weights(cls, value: str) -> str:
+        if value in INIT_KEYWORDS:
+            return value
+        close = difflib.get_close_matches(value, INIT_KEYWORDS, n=1, cutoff=0.6)
+        if close and "/" not in value and not Path(value).exists():
+            raise ValueError(f"{value!r} is neither a directory nor one of {', '.join(INIT_KEYWORDS)}. Did you mean {close[0]!r}?")
+        return check_source(value, "model", MODEL_FILES, INIT_FIX)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, value: str | None) -> str | None:
+        return None if value is None else check_source(value, "tokenizer", TOKENIZER_FILES, TOKENIZER_FIX)
+
+    @model_validator(mode="after")
+    def _fits_the_context(self):
+        """Sequences must fit the position embeddings of a model from scratch, and generation
+        needs room for a prompt: max_new_tokens < max_length <= n_positions."""
+        if self.init == "scratch" and self.n_positions is not None and self.max_length > self.n_positions:
+            if "max_length" in self.model_fields_set:
+                raise ValueError(
+                    f"max_length={self.max_length} is longer than n_positions={self.n_positions}, the context of the "
+                    "model from scratch; lower max_length or raise n_positions"
+                )
+            object.__setattr__(self, "max_length", self.n_positions)  # the default follows the context
+        if self.max_new_tokens >= self.max_length:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt within max_length={self.max_length}"
+                + (f" (lowered to n_positions={self.n_positions})" if "max_length" not in self.model_fields_set else "")
+                + "; lower max_new_tokens or raise max_length"
+            )
+        return self
 
 
 class LMWithHeads(torch.nn.Module):
@@ -195,21 +239,17 @@ class HFPolicy(Policy):
             path = init
         try:
             model = AutoModelForCausalLM.from_pretrained(path)
-        except OSError as e:
-            raise ValueError(
-                f"policy.init: could not load a causal LM from {path!r} ({e}). Give a local directory written "
-                "by `save_pretrained`, a hub id reachable from this machine, `sft` or `scratch`."
-            ) from None
-        tok = self._tokenizer(path, task)
-        value_file = Path(path) / "value_head.safetensors"
-        critic_dir = Path(path) / "critic"
-        critic = AutoModelForCausalLM.from_pretrained(str(critic_dir)) if critic_dir.is_dir() else None
-        policy_model = LMWithHeads(model, self.config.value_head or value_file.exists(), critic=critic)
-        if value_file.exists():
-            from safetensors.torch import load_file
+            value_file = Path(path) / "value_head.safetensors"
+            critic_dir = Path(path) / "critic"
+            critic = AutoModelForCausalLM.from_pretrained(str(critic_dir)) if critic_dir.is_dir() else None
+            policy_model = LMWithHeads(model, self.config.value_head or value_file.exists(), critic=critic)
+            if value_file.exists():
+                from safetensors.torch import load_file
 
-            policy_model.value_head.load_state_dict(load_file(str(value_file)))
-        return policy_model, tok
+                policy_model.value_head.load_state_dict(load_file(str(value_file)))
+        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ... for bad files
+            raise load_error("policy.init", path, "causal LM", e, INIT_FIX) from None
+        return policy_model, self._tokenizer(path, task)
 
     def _tokenizer(self, model_path: str | None, task: Any) -> Any:
         from transformers import AutoTokenizer
@@ -218,7 +258,11 @@ class HFPolicy(Policy):
         if source is None:
             tok = task.tokenizer()
         else:
-            tok = AutoTokenizer.from_pretrained(source)
+            try:
+                tok = AutoTokenizer.from_pretrained(source)
+            except Exception as e:  # noqa: BLE001 - missing files, corrupt JSON, no network, ...
+                field = "policy.tokenizer" if self.config.tokenizer else "policy.init"
+                raise load_error(field, source, "tokenizer", e, TOKENIZER_FIX) from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok

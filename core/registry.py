@@ -6,7 +6,9 @@ third-party plugins are modules named by entry points in the group `rlhfzoo`. Bo
 `_load_plugin`, so a built-in is registered exactly the way a third party's plugin is.
 
 - A plugin that fails to import or to register is reported (`registry.load_errors`, a warning)
-  and skipped; every other plugin still works.
+  and skipped; every other plugin still works. Registering a class whose `Config` is not a
+  `PluginConfig` is such a failure. Using a name the failed plugin tried to register raises
+  `PluginRegistrationError` with the report.
 - Two plugins registering the same name (or alias) in the same kind is a `DuplicateNameError`
   naming both.
 - An unknown name is an `UnknownNameError` with a did-you-mean suggestion.
@@ -27,7 +29,7 @@ import pluggy
 
 from rlhfzoo import hookspecs
 from rlhfzoo.errors import UserError
-from rlhfzoo.interfaces import Objective, Plugin, Policy, RewardSource, Task
+from rlhfzoo.interfaces import Objective, Plugin, PluginConfig, Policy, RewardSource, Task
 
 ENTRY_POINT_GROUP = "rlhfzoo"
 DISABLE_ENV = "RLHFZOO_DISABLE_PLUGIN_AUTOLOAD"
@@ -103,7 +105,11 @@ class DuplicateNameError(RegistryError):
 
 
 class PluginRegistrationError(RegistryError):
-    pass
+    """A plugin registered something unusable; `names` holds the (kind, name)s concerned."""
+
+    def __init__(self, message: str, names: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.names = names or []
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ class Registry:
         self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
         self._aliases: dict[str, dict[str, str]] = {k: {} for k in KINDS}
         self._conflicts: dict[str, dict[str, str]] = {k: {} for k in KINDS}
+        self._failed: dict[str, dict[str, str]] = {k: {} for k in KINDS}  # name -> why its plugin was skipped
         self.plugins: dict[str, PluginInfo] = {}
         self.load_errors: list[str] = []
         self._loaded = False
@@ -241,7 +248,11 @@ class Registry:
             except Exception as e:  # noqa: BLE001
                 if self.pm.is_registered(plugin):
                     self.pm.unregister(plugin)
-                self._report(f"plugin {name!r} from package {package!r} failed to register: {type(e).__name__}: {e}")
+                message = f"plugin {name!r} from package {package!r} failed to register: {type(e).__name__}: {e}"
+                rejected = e.names if isinstance(e, PluginRegistrationError) else []
+                for kind_name, n in [(p.kind, p.name) for p in pending] + rejected:
+                    self._failed[kind_name].setdefault(n, message)
+                self._report(message)
                 return None
             for entry in pending:  # validated: commit (duplicates checked against committed entries)
                 self._add(entry)
@@ -257,6 +268,13 @@ class Registry:
             reg_name = name or getattr(cls, "name", "")
             if not reg_name:
                 raise PluginRegistrationError(f"{cls.__name__} has no `name`; set the class attribute or pass name=")
+            config = getattr(cls, "Config", None)
+            if not (isinstance(config, type) and issubclass(config, PluginConfig)):
+                raise PluginRegistrationError(
+                    f"{kind.title.lower()} {reg_name!r} ({cls.__name__}) has `Config = {config!r}`, which is not a "
+                    "subclass of rlhfzoo.interfaces.PluginConfig; derive its Config from PluginConfig",
+                    names=[(kind.name, reg_name)],
+                )
             entry = Entry(
                 kind=kind.name,
                 name=reg_name,
@@ -306,8 +324,19 @@ class Registry:
         entries = self._entries[kind]
         canonical = self._aliases[kind].get(name, name)
         if canonical not in entries:
-            raise UnknownNameError(kind, name, sorted(entries) + sorted(self._aliases[kind]))
+            raise self.missing(name, kind)
         return entries[canonical]
+
+    def missing(self, name: str, kind: str | None = None) -> RegistryError:
+        """The error for a name that is not registered (in `kind`, or in any kind): why its plugin
+        was skipped, if one tried to register it; else not registered, with a did-you-mean."""
+        self._ensure_loaded()
+        for k in [kind] if kind else list(KINDS):
+            if name in self._failed[k]:
+                return PluginRegistrationError(f"{KINDS[k].title} {name!r} cannot be used: {self._failed[k][name]}")
+        if kind:
+            return UnknownNameError(kind, name, sorted(self._entries[kind]) + sorted(self._aliases[kind]))
+        return UnknownNameError("objective", name, self.all_names())
 
     def names(self, kind: str) -> list[str]:
         self._ensure_loaded()

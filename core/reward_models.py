@@ -26,14 +26,37 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlhfzoo.data.collate import TruncationStats, encode, pad
+from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Policy
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 REPORT_FILE = "reward_model_report.json"
 
 
-class RewardModelError(ValueError):
-    """A reward model cannot score its input, or returned something unusable (NaN)."""
+class RewardModelError(UserError, ValueError):
+    """A reward model cannot be loaded, cannot score its input, or returned something unusable (NaN)."""
+
+
+RUN_HINT = (
+    "give the `policy/` directory of a run of `algorithm: bradley-terry` (or `reward-regression`), or `path: auto` "
+    "for the task's cached reward model"
+)
+
+
+def reward_model_problem(path: Path) -> str | None:
+    """Why `path` is not a reward-model directory, from a cheap look at its files; None when it looks like one."""
+    if not path.exists():
+        return f"reward model directory {str(path)!r} does not exist; {RUN_HINT}"
+    if not path.is_dir():
+        return f"{str(path)!r} is a file, not a reward model directory; {RUN_HINT}"
+    if not (path / "config.json").is_file():
+        return f"{str(path)!r} holds no config.json: it is not a model directory, so not a reward model; {RUN_HINT}"
+    if not (path / VALUE_HEAD_FILE).is_file():
+        return (
+            f"{str(path)!r} holds no {VALUE_HEAD_FILE}: it is a plain policy, not a reward model. Train one with "
+            "`algorithm: {name: bradley-terry}` (configs/reward_model.yaml) and point `path` at its `policy/` directory"
+        )
+    return None
 
 
 # ------------------------------------------------------------------------------ the forward pass
@@ -102,21 +125,20 @@ class RewardModel:
         from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"reward model directory {str(path)!r} does not exist; give the `policy/` directory of a run of "
-                "`algorithm: bradley-terry` (or `reward-regression`), or `path: auto` for the task's cached reward model"
-            )
-        if not (path / VALUE_HEAD_FILE).is_file():
-            raise RewardModelError(
-                f"{str(path)!r} holds no {VALUE_HEAD_FILE}: it is a plain policy, not a reward model. Train one with "
-                "`algorithm: {name: bradley-terry}` (configs/reward_model.yaml) and point `path` at its `policy/` directory"
-            )
-        saved: dict[str, Any] = {}
+        problem = reward_model_problem(path)
+        if problem:
+            raise RewardModelError(problem)
         meta = path / "rlhfzoo_policy.json"
-        if meta.is_file():
-            saved = json.loads(meta.read_text()).get("config", {})
-        policy = HFPolicy(HFPolicyConfig(init=str(path), max_length=saved.get("max_length", 128)))
+        try:
+            saved = json.loads(meta.read_text()) if meta.is_file() else {}
+            saved = saved.get("config", {}) if isinstance(saved, dict) else {}
+            # A reward model never samples: max_new_tokens=1 keeps any saved max_length valid.
+            policy = HFPolicy(HFPolicyConfig(init=str(path), max_length=saved.get("max_length", 128), max_new_tokens=1))
+        except ValueError as e:  # a damaged rlhfzoo_policy.json or weights (LoadError), ...
+            cause = getattr(e, "cause", "") or f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            raise RewardModelError(
+                f"could not load the reward model in {str(path)!r}: {cause}. Retrain it, or {RUN_HINT}"
+            ) from None
         policy.module.requires_grad_(False)
         policy.module.eval()
         if device == "auto":

@@ -21,7 +21,7 @@ log-probs.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
@@ -29,6 +29,8 @@ import torch
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.evaluation import evaluate as sampling_evaluation
 from rlhfzoo.interfaces import Batch, LossOutput, Objective, Policy, SequenceBatch, Task
+
+logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ small helpers
 
@@ -231,11 +233,10 @@ class PairedObjective(ImplicitRewardEvaluation, Objective):
 
     def prepare(self, data, collate, reference) -> bool:
         same = sum(e.chosen == e.rejected for e in data)
-        if same:
-            warnings.warn(
-                f"{self.name}: {same} of {len(data)} preference pairs have identical chosen and rejected responses; "
-                "they express no preference and are masked out of the loss (counted as `skipped_pairs`)",
-                stacklevel=2,
+        if same:  # a warning: printed once per run even where no logging is set up (the command line)
+            logger.warning(
+                "%s: %d of %d preference pairs have identical chosen and rejected responses; they express no "
+                "preference and are masked out of the loss (counted as `skipped_pairs`)", self.name, same, len(data),
             )
         if self.config.reference != "cached":
             return False

@@ -19,11 +19,13 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhfzoo import hookimpl
 from rlhfzoo.data.hh import HHStats, load_hh_pairs, load_pretrained_tokenizer, train_bpe_tokenizer
+from rlhfzoo.data.jsonl import DataFileNotFoundError
 from rlhfzoo.interfaces import Demonstration, PluginConfig, PreferencePair, Task, UnpairedExample
+from rlhfzoo.pretrained import TOKENIZER_FILES, check_source
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ def resolve_data_path(path: str | None) -> Path:
     """Find the local data file: `path`, else $RLHFZOO_HH_PATH, else the shared sample.
 
     A relative path is tried against the working directory first, then the repository root.
-    Raises `FileNotFoundError` naming every place tried and the ways to provide a file.
+    Raises `DataFileNotFoundError` (a `FileNotFoundError`) naming every place tried and the ways
+    to provide a file.
     """
     given = path or os.environ.get(PATH_ENV) or DEFAULT_PATH
     p = Path(given).expanduser()
@@ -59,10 +62,11 @@ def resolve_data_path(path: str | None) -> Path:
             return c.resolve()
     origin = "task option `path`" if path else (f"${PATH_ENV}" if os.environ.get(PATH_ENV) else "the default sample")
     tried = "\n  ".join(str(c) for c in candidates)
-    raise FileNotFoundError(
+    raise DataFileNotFoundError(
         f"hh-rlhf data file {given!r} ({origin}) not found; tried:\n  {tried}\n"
         f"Provide one with the task option `path` (a .jsonl or .jsonl.gz file of HH-RLHF rows), the "
-        f"{PATH_ENV} environment variable, or a hub dataset with `dataset` (e.g. 'Anthropic/hh-rlhf')."
+        f"{PATH_ENV} environment variable, or a hub dataset with `dataset` (e.g. 'Anthropic/hh-rlhf').",
+        given,
     )
 
 
@@ -109,6 +113,19 @@ class HHTask(Task):
         vocab_size: int = Field(
             4096, ge=258, description="Vocabulary size of the BPE tokenizer trained when `tokenizer` is unset."
         )
+
+        @field_validator("path")
+        @classmethod
+        def _path_exists(cls, value: str | None) -> str | None:
+            if value is not None:
+                resolve_data_path(value)  # a missing file is a config error, before anything runs
+            return value
+
+        @field_validator("tokenizer")
+        @classmethod
+        def _tokenizer_exists(cls, value: str | None) -> str | None:
+            fix = "Give a saved tokenizer's directory, a hub id, or leave `tokenizer` unset to train a BPE tokenizer on the data."
+            return None if value is None else check_source(value, "tokenizer", TOKENIZER_FILES, fix)
 
         @model_validator(mode="after")
         def _one_source(self):

@@ -48,12 +48,18 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, RewardSource
 from rlhfzoo.plugins._preference import concat, identical
-from rlhfzoo.reward_models import RewardModel, evaluate_reward_model, reward_model_path, sequence_rewards
+from rlhfzoo.reward_models import (
+    RewardModel,
+    evaluate_reward_model,
+    reward_model_path,
+    reward_model_problem,
+    sequence_rewards,
+)
 
 Utility = Literal["none", "log-sigmoid", "power", "neg-power"]
 
@@ -244,6 +250,14 @@ class RewardModelSourceConfig(PluginConfig):
     std: float = Field(1.0, gt=0, description="Scale divided by with `normalize: fixed`.")
     clip: float | None = Field(None, gt=0, description="Clip the (normalised) reward to [-clip, clip] (null: off); clipped rewards are counted.")
     device: str = Field("auto", description="Device of the reward model: `auto` (CUDA when available), `cpu`, `cuda:0`, ...")
+
+    @field_validator("path")
+    @classmethod
+    def _is_a_reward_model(cls, value: str) -> str:
+        problem = None if value == "auto" else reward_model_problem(Path(value).expanduser())
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class RunningMoments:

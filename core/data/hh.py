@@ -32,6 +32,7 @@ from typing import Any
 
 from rlhfzoo.data.jsonl import DataError, check_fields, read_jsonl
 from rlhfzoo.interfaces import PreferencePair
+from rlhfzoo.pretrained import LoadError
 
 __all__ = [
     "HUMAN",
@@ -323,7 +324,8 @@ def load_hh_pairs(
     """Read and parse HH-style pairs from a local JSONL file (`path`) or a hub `dataset` id.
 
     Exactly one of `path` and `dataset` must be given; `split` and `data_dir` apply to the hub
-    only. Logs the one-line `HHStats.summary()` and returns `(pairs, stats)`.
+    only. Logs the one-line `HHStats.summary()` (a warning when rows were skipped, e.g. identical
+    pairs) and returns `(pairs, stats)`.
     """
     if (path is None) == (dataset is None):
         raise ValueError("pass exactly one of `path` (a local .jsonl/.jsonl.gz file) and `dataset` (a hub id)")
@@ -332,7 +334,8 @@ def load_hh_pairs(
     else:
         label = f"{dataset}[{split}]" + (f" ({data_dir})" if data_dir else "")
         pairs, stats = parse_pairs(iter_hub_rows(dataset, split, data_dir), label, max_chars=max_chars, unit="row")
-    logger.info("HH-RLHF %s", stats.summary())
+    # Skipped rows change what a run trains on: a warning, which is printed even where no logging is set up.
+    logger.log(logging.WARNING if stats.skipped else logging.INFO, "HH-RLHF %s", stats.summary())
     return pairs, stats
 
 
@@ -376,21 +379,22 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freque
 def load_pretrained_tokenizer(name_or_path: str):
     """`AutoTokenizer.from_pretrained` (a local directory or a hub id), with pad set to eos if missing.
 
-    Raises `ValueError` with advice when it cannot be loaded or has neither pad nor eos token.
+    Raises `LoadError` (a `ValueError`) with advice when it cannot be loaded or has neither pad nor
+    eos token.
     """
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # noqa: BLE001 - missing dir, offline, unknown id
-        raise ValueError(
+        raise LoadError(
             f"could not load the tokenizer {name_or_path!r}: {type(e).__name__}: {e}. Pass a local "
             "directory holding a saved tokenizer (without network access a hub id only works if it is "
             "already cached), or leave `tokenizer` unset to train a BPE tokenizer on the data."
         ) from e
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(
+            raise LoadError(
                 f"tokenizer {name_or_path!r} has neither a pad nor an eos token; pick another tokenizer "
                 "or leave `tokenizer` unset to train one on the data."
             )

@@ -5,7 +5,8 @@
 
 Every problem with the file's contents -- bytes that are not UTF-8, a line that is not valid JSON,
 a row that is not a JSON object, a missing, unexpected or empty field, a damaged gzip stream --
-is raised as a `DataError` whose message names the file and the line and says how to fix it.
+is raised as a `DataError` whose message names the file and the line and says how to fix it; a
+missing file is a `DataFileNotFoundError` (a `DataError` and a `FileNotFoundError`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from rlhfzoo.errors import UserError
 
-__all__ = ["DataError", "read_jsonl", "check_fields", "is_gzip"]
+__all__ = ["DataError", "DataFileNotFoundError", "read_jsonl", "check_fields", "is_gzip"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -34,6 +35,10 @@ class DataError(UserError, ValueError):
         super().__init__(message)
         self.source = source
         self.line = line
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file that does not exist; the message names it and the ways to provide one."""
 
 
 def is_gzip(path: str | Path) -> bool:
@@ -51,13 +56,14 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
     The file may be plain or gzip-compressed (detected from its content, so a misnamed file still
     reads). A UTF-8 byte-order mark at the start is ignored, and so are blank lines. Raises
-    `FileNotFoundError` if the file does not exist and `DataError` for any problem with its
+    `DataFileNotFoundError` if the file does not exist and `DataError` for any problem with its
     contents.
     """
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {source}")
+        what = "is a directory, not a data file" if path.is_dir() else "not found"
+        raise DataFileNotFoundError(f"data file {what}: {source}. Give the path of a .jsonl or .jsonl.gz file.", source)
     opener = gzip.open if is_gzip(path) else open
     line_no = 0
     try:

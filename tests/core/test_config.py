@@ -72,3 +72,95 @@ def test_every_config_field_is_described():
         assert entry.cls.Config.model_config.get("extra") == "forbid", entry.name
     for fname, f in TrainConfig.model_fields.items():
         assert f.description, fname
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        read_yaml(tmp_path)
+
+
+# ------------------------------------------------------------------------------ duplicate keys
+
+
+def test_duplicate_keys_are_an_error_naming_file_and_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("task: {name: sentiment}\nalgorithm: {name: sft}\ntrain:\n  steps: 3\n  lr: 0.1\n  steps: 5\n")
+    with pytest.raises(ConfigError) as e:
+        read_yaml(p)
+    msg = str(e.value)
+    assert str(p) in msg and "duplicate key 'steps' at line 6 (first given at line 4)" in msg
+
+    p.write_text("task: {name: sentiment}\ntask: {name: hh-rlhf}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'task' at line 2 .first given at line 1."):
+        read_yaml(p)
+
+
+def test_same_key_in_different_mappings_and_merge_keys_are_fine(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text(
+        "base: &base {steps: 3, lr: 0.1}\n"
+        "train: {<<: *base, steps: 5}\n"  # overriding a merged-in key is what merge keys are for
+        "algorithm: {name: sft, steps: 1}\n"
+    )
+    data = read_yaml(p)
+    assert data["train"] == {"steps": 5, "lr": 0.1} and data["algorithm"]["steps"] == 1
+
+
+def test_duplicate_keys_in_an_override_value():
+    with pytest.raises(ConfigError, match="duplicate key 'a' in the value"):
+        apply_overrides({}, ["x.y={a: 1, a: 2}"])
+
+
+# ------------------------------------------------------------------------------ numbers
+
+
+def _float_fields(model) -> list[str]:
+    """Names of the fields whose type accepts a float (float, float | None, ...)."""
+    import typing
+
+    def has_float(t) -> bool:
+        return t is float or any(has_float(a) for a in typing.get_args(t))
+
+    return [name for name, f in model.model_fields.items() if has_float(f.annotation)]
+
+
+def _rejects_as_non_finite(model, field: str, value: float) -> bool:
+    from pydantic import ValidationError
+
+    try:
+        model(**{field: value})
+    except ValidationError as e:
+        return any(err["loc"][0] == field and err["type"] == "finite_number" for err in e.errors())
+    return False
+
+
+def test_non_finite_numbers_are_rejected_in_every_float_field():
+    from rlhfzoo.registry import registry
+
+    models = [TrainConfig] + [e.cls.Config for e in registry.entries()]
+    checked = 0
+    for model in models:
+        for field in _float_fields(model):
+            for value in (float("inf"), float("-inf"), float("nan")):
+                assert _rejects_as_non_finite(model, field, value), f"{model.__name__}.{field} accepts {value}"
+            checked += 1
+    assert checked > 20  # lr, beta, temperature, ... : the check did look at fields
+
+
+def test_non_finite_numbers_from_yaml_and_overrides():
+    with pytest.raises(ConfigError) as e:
+        load_config(data=BASE, overrides=["train.lr=.inf", "algorithm.name=dpo", "algorithm.beta=.nan"])
+    paths = {p for p, _ in e.value.errors}
+    assert paths == {"train.lr", "algorithm.beta"} and "finite number" in str(e.value)
+
+
+def test_learning_rate_has_an_upper_bound():
+    with pytest.raises(ConfigError, match=r"train\.lr: Input should be less than or equal to 1"):
+        load_config(data=BASE, overrides=["train.lr=1e39"])
+    assert load_config(data=BASE, overrides=["train.lr=1.0"]).train.lr == 1.0
+
+
+def test_a_plugins_own_check_reads_as_one_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(data={**BASE, "algorithm": {"name": "bradley-terry", "utility": "power", "gamma": 2}})
+    assert e.value.errors == [("algorithm", "utility `power` needs 0 < gamma <= 1 (a concave x^gamma), got gamma=2.0")]

@@ -2,16 +2,22 @@
 separate critic model (`critic: separate`): whose weights each loss reaches, saving and
 loading, the reference copy, and PPO training with a separate critic through the trainer."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from pydantic import ValidationError
 
 from rlhfzoo.config import load_config
+from rlhfzoo.errors import UserError
 from rlhfzoo.plugins.sentiment import SentimentTask
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
+from rlhfzoo.pretrained import LoadError
 from rlhfzoo.testing import TINY_POLICY, contract_config
 from rlhfzoo.trainer import Trainer
 
 TINY = {k: v for k, v in TINY_POLICY.items() if k != "name"}
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +107,63 @@ def test_ppo_trains_a_separate_critic(tmp_path):
     assert any(not torch.equal(lm0[k], v) for k, v in module.lm.state_dict().items())
     assert any(not torch.equal(critic0[k], v) for k, v in module.critic.state_dict().items())
     assert (tmp_path / "run" / "policy" / "critic" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------ config checks
+
+
+def config_error(**options) -> str:
+    with pytest.raises(ValidationError) as e:
+        HFPolicyConfig(**options)
+    return str(e.value)
+
+
+def test_max_length_must_fit_the_context_of_a_model_from_scratch():
+    msg = config_error(init="scratch", n_positions=16, max_length=64)
+    assert "max_length=64 is longer than n_positions=16" in msg
+    # Left at its default, max_length follows a smaller context (configs/sft.yaml: n_positions 96).
+    assert HFPolicyConfig(init="scratch", n_positions=96).max_length == 96
+    assert HFPolicyConfig(init="scratch", n_positions=256).max_length == 128
+    assert load_config(REPO / "configs" / "sft.yaml").policy.config.max_length == 96
+    # n_positions only sizes a model from scratch; a loaded model keeps its own context.
+    assert HFPolicyConfig(init="sft", n_positions=16).max_length == 128
+
+
+def test_generation_needs_room_for_a_prompt():
+    msg = config_error(init="scratch", n_positions=16, max_new_tokens=32)
+    assert "max_new_tokens=32 leaves no room for a prompt within max_length=16 (lowered to n_positions=16)" in msg
+    assert "max_new_tokens=8 leaves no room" in config_error(max_length=8, max_new_tokens=8)
+
+
+def test_a_model_from_scratch_with_a_small_context_trains(tmp_path):
+    """The IndexError the unchecked config gave: sequences longer than the position embeddings."""
+    data = contract_config("sft", tmp_path / "run", reward=None)
+    data["policy"].update(n_positions=16, max_new_tokens=4)
+    trainer = Trainer(load_config(data=data), log=lambda *_: None)
+    assert trainer.collator.max_length == 16
+    assert trainer.fit()["step"] == 2
+
+
+def test_init_names_existing_weights(tmp_path):
+    for value in ("sft", "scratch", "org/some-model", "gpt2"):  # keywords and hub ids
+        assert HFPolicyConfig(init=value).init == value
+    assert "'/nope' does not exist" in config_error(init="/nope")
+    assert "'runs/a/b' does not exist" in config_error(init="runs/a/b")
+    assert "Did you mean 'scratch'?" in config_error(init="scrach")
+    (tmp_path / "file.txt").write_text("x")
+    assert "is a file, not a model directory" in config_error(init=str(tmp_path / "file.txt"))
+    assert "holds no config.json: it is not a model directory" in config_error(init=str(tmp_path))
+    assert "'/nope/tok' does not exist" in config_error(tokenizer="/nope/tok")
+    assert "it is not a tokenizer directory" in config_error(tokenizer=str(tmp_path))
+
+
+def test_weights_or_tokenizer_that_do_not_load_are_one_user_error(tmp_path, task):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(LoadError, match=r"policy\.init: could not load a causal LM from the directory .*broken"):
+        HFPolicy(HFPolicyConfig(init=str(broken)), task=task)
+    (broken / "tokenizer.json").write_text("not json")
+    with pytest.raises(LoadError, match=r"policy\.tokenizer: could not load a tokenizer from the directory .*broken"):
+        HFPolicy(HFPolicyConfig(**TINY, tokenizer=str(broken)), task=task)
+    assert issubclass(LoadError, UserError)

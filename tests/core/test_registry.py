@@ -5,7 +5,7 @@ import torch
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import LossOutput, Objective
-from rlhfzoo.registry import DuplicateNameError, Registry, UnknownNameError, registry
+from rlhfzoo.registry import DuplicateNameError, PluginRegistrationError, Registry, UnknownNameError, registry
 
 
 def make_objective(obj_name, obj_aliases=()):
@@ -124,3 +124,31 @@ def test_builtins_are_loaded_through_the_plugin_path():
     names = {p.name: p for p in registry.plugins.values()}
     assert "rlhfzoo.plugins.sft" in names and names["rlhfzoo.plugins.sft"].builtin
     assert ("objective", "sft") in names["rlhfzoo.plugins.sft"].registered
+
+
+class _NotAPluginConfig:
+    pass
+
+
+class BadConfigPlugin:
+    @hookimpl
+    def register_objectives(self, register):
+        register(make_objective("fine-one"))
+        bad = make_objective("bad-config")
+        bad.Config = _NotAPluginConfig
+        register(bad)
+
+
+def test_objective_whose_config_is_not_a_plugin_config_is_rejected_at_registration():
+    reg = fresh()
+    with pytest.warns(RuntimeWarning, match="'bad-config'.*not a subclass of rlhfzoo.interfaces.PluginConfig"):
+        reg.register_plugin(BadConfigPlugin(), name="bad_plugin", package="pkg-bad")
+    assert reg.names("objective") == []  # nothing of the plugin half-registered
+    assert any("bad_plugin" in m and "bad-config" in m for m in reg.load_errors)
+    # Asking for either name says why, instead of "not registered".
+    for name in ("bad-config", "fine-one"):
+        with pytest.raises(PluginRegistrationError, match=f"Objective '{name}' cannot be used: plugin 'bad_plugin'.*PluginConfig"):
+            reg.get("objective", name)
+    assert "PluginConfig" in str(reg.missing("bad-config"))
+    with pytest.raises(UnknownNameError):
+        reg.get("objective", "never-registered")

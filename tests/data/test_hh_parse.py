@@ -2,6 +2,8 @@
 
 import gzip
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,12 +185,25 @@ def test_gz_file_reads_like_the_plain_one(tmp_path, caplog):
     gz.write_bytes(gzip.compress(SMALL.read_bytes()))
     with caplog.at_level(logging.INFO, logger="rlhfzoo.data.hh"):
         pairs_gz, stats_gz = load_hh_pairs(gz)
+    summary = [r.getMessage() for r in caplog.records if r.name == "rlhfzoo.data.hh"]
     pairs, _ = load_hh_pairs(SMALL)
     assert pairs_gz == pairs
-    summary = [r.getMessage() for r in caplog.records if r.name == "rlhfzoo.data.hh"]
     assert len(summary) == 1 and "\n" not in summary[0]
     assert "9 rows -> 5 pairs, 4 skipped (prefix mismatch 1, identical 1" in summary[0]
     assert stats_gz.as_dict()["skipped"] == 4
+
+
+def test_skipped_rows_are_a_warning_printed_without_any_logging_set_up(tmp_path):
+    """The summary names the skipped identical pairs; it is a warning, so a run that configures no
+    logging (the command line) still prints it, while a clean file stays quiet."""
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text('{"chosen": "\\n\\nHuman: q?\\n\\nAssistant: yes", "rejected": "\\n\\nHuman: q?\\n\\nAssistant: no"}\n')
+    code = "import sys; from rlhfzoo.data.hh import load_hh_pairs; load_hh_pairs(sys.argv[1])"
+    r = subprocess.run([sys.executable, "-c", code, str(SMALL)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "9 rows -> 5 pairs, 4 skipped (prefix mismatch 1, identical 1" in r.stderr
+    r = subprocess.run([sys.executable, "-c", code, str(clean)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == ""
 
 
 def test_load_needs_exactly_one_source():

@@ -73,6 +73,14 @@ def test_missing_file(tmp_path):
         list(read_jsonl(tmp_path / "nope.jsonl"))
 
 
+def test_missing_file_or_a_directory_is_a_data_error(tmp_path):
+    """A user error (the command line prints it, exit 2), still a FileNotFoundError for callers."""
+    for path, what in ((tmp_path / "nope.jsonl", "not found"), (tmp_path, "is a directory")):
+        with pytest.raises(DataError, match=what) as e:
+            list(read_jsonl(path))
+        assert isinstance(e.value, FileNotFoundError) and e.value.source == str(path)
+
+
 # ---------------------------------------------------------------------------- check_fields
 
 

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from rlhfzoo import registry
 from rlhfzoo.data.jsonl import DataError
+from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Demonstration, PreferencePair, UnpairedExample
 from rlhfzoo.plugins.hh_rlhf import DEFAULT_PATH, PATH_ENV, HHTask, split_by_prompt
 
@@ -60,7 +61,7 @@ def test_no_gold_reward_and_model_config():
 
 def test_config_rejects_bad_options():
     with pytest.raises(ValidationError, match="not both"):
-        HHTask.Config(path="x.jsonl", dataset="Anthropic/hh-rlhf")
+        HHTask.Config(path=str(SMALL), dataset="Anthropic/hh-rlhf")
     with pytest.raises(ValidationError):
         HHTask.Config(test_fraction=1.0)
     with pytest.raises(ValidationError):
@@ -123,12 +124,34 @@ def test_split_keeps_a_training_group():
 # ---------------------------------------------------------------------------- data location
 
 
-def test_missing_file_names_the_path_and_the_fixes(tmp_path):
-    task = _task(path=str(tmp_path / "absent.jsonl"))
-    with pytest.raises(FileNotFoundError) as e:
-        task.examples("pairs")
+def test_missing_file_names_the_path_and_the_fixes(tmp_path, monkeypatch):
+    # A `path` that does not exist: a config error, before anything runs.
+    with pytest.raises(ValidationError) as e:
+        HHTask.Config(path=str(tmp_path / "absent.jsonl"))
     msg = str(e.value)
     assert "absent.jsonl" in msg and "`path`" in msg and PATH_ENV in msg and "`dataset`" in msg
+    # The file named by the environment, found missing when the data is loaded: a user error.
+    monkeypatch.setenv(PATH_ENV, str(tmp_path / "gone.jsonl"))
+    task = _task()
+    with pytest.raises(DataError) as e:
+        task.examples("pairs")
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, UserError)
+    assert "gone.jsonl" in str(e.value) and f"${PATH_ENV}" in str(e.value)
+
+
+def test_skipped_rows_are_shown_once_when_the_data_is_loaded(tmp_path, caplog):
+    rows = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: yes {i}", "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no {i}"}
+            for i in range(6)]
+    rows += [{"chosen": "\n\nHuman: same?\n\nAssistant: same", "rejected": "\n\nHuman: same?\n\nAssistant: same"}] * 3
+    path = tmp_path / "with_identical.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = _task(path=str(path))
+    with caplog.at_level("WARNING"):
+        task.examples("pairs")
+        task.examples("pairs", "test")
+        task.examples("prompts")
+    shown = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(shown) == 1 and "identical 3" in shown[0] and str(path) in shown[0]
 
 
 def test_env_var_supplies_the_default_path(monkeypatch, synthetic):
@@ -196,6 +219,10 @@ def test_pretrained_tokenizer_gets_pad_from_eos(tmp_path, synthetic):
     tok = task.tokenizer()
     assert tok.eos_token == "</s>" and tok.pad_token == "</s>"
 
-    bad = _task(path=str(synthetic), tokenizer=str(tmp_path / "no-such-tokenizer"))
-    with pytest.raises(ValueError, match="could not load the tokenizer .*leave `tokenizer` unset"):
+    with pytest.raises(ValidationError, match="no-such-tokenizer' does not exist"):
+        _task(path=str(synthetic), tokenizer=str(tmp_path / "no-such-tokenizer"))
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "tokenizer.json").write_text("not json")
+    bad = _task(path=str(synthetic), tokenizer=str(tmp_path / "corrupt"))
+    with pytest.raises(UserError, match="could not load the tokenizer .*leave `tokenizer` unset"):
         bad.tokenizer()

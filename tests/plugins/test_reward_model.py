@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from rlhfzoo.config import ConfigError, load_config
+from rlhfzoo.errors import UserError
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import PreferencePair
 from rlhfzoo.plugins.reward_model import (
@@ -306,10 +308,23 @@ def test_nan_from_the_model_raises(rm_dir):
 
 def test_not_a_reward_model_directory(tmp_path, task):
     HFPolicy(HFPolicyConfig(init="scratch", n_layer=1, n_embd=32, n_head=2), task=task).save(str(tmp_path / "plain"))
-    with pytest.raises(RewardModelError, match="not a reward model"):
-        RewardModelSource(RewardModelSource.Config(path=str(tmp_path / "plain")))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        RewardModelSource(RewardModelSource.Config(path=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    cases = {"plain": "not a reward model", "missing": "does not exist", "empty": "holds no config.json"}
+    for name, problem in cases.items():
+        with pytest.raises(ValidationError, match=problem):  # a config error, before anything is built
+            RewardModelSource.Config(path=str(tmp_path / name))
+        with pytest.raises(RewardModelError, match=problem):
+            RewardModel.load(tmp_path / name)
+    assert issubclass(RewardModelError, UserError)
+
+
+def test_reward_model_files_that_do_not_load(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "value_head.safetensors").write_bytes(b"")
+    with pytest.raises(RewardModelError, match=r"could not load the reward model in .*broken.*: ValueError"):
+        RewardModel.load(broken)
 
 
 def test_regression_objective_trains_and_evaluates(tmp_path):

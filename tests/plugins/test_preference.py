@@ -1,0 +1,30 @@
+"""Shared plumbing of the pairwise objectives (`rlhfzoo.plugins._preference`): what a run is
+told about pairs that cannot teach anything."""
+
+import logging
+
+import pytest
+
+from rlhfzoo.interfaces import PreferencePair
+from rlhfzoo.registry import registry
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo"])
+def test_identical_pairs_are_counted_and_shown_once(name, caplog):
+    objective = registry.create("objective", name, {"reference": "model"})
+    data = [PreferencePair(f"q{i}", f"good {i}", f"bad {i}") for i in range(5)]
+    data += [PreferencePair("q", "same", "same")] * 2
+    with caplog.at_level(logging.WARNING):
+        assert objective.prepare(data, collate=None, reference=None) is False
+    shown = [r.getMessage() for r in caplog.records]
+    assert shown == [
+        f"{name}: 2 of 7 preference pairs have identical chosen and rejected responses; they express no "
+        "preference and are masked out of the loss (counted as `skipped_pairs`)"
+    ]
+
+
+def test_no_message_without_identical_pairs(caplog):
+    objective = registry.create("objective", "dpo", {"reference": "model"})
+    with caplog.at_level(logging.INFO):
+        objective.prepare([PreferencePair("q", "a", "b")], collate=None, reference=None)
+    assert caplog.records == []
