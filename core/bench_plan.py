@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from rlhfzoo.config import ConfigError, apply_overrides, read_yaml, resolve
+from rlhfzoo.config import ConfigError, apply_overrides, parse_value, read_yaml, resolve
 from rlhfzoo.errors import UserError
 from rlhfzoo.registry import UnknownNameError, registry
 
@@ -117,9 +117,9 @@ def parse_sweep(text: str | None) -> tuple[str | None, list[Any]]:
         if not raw.strip():
             raise BenchError(f"{usage}: an empty value. Separate values by single commas.")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise BenchError(f"{usage}: {raw!r} is not a YAML value.") from None
+            value = parse_value(raw)
+        except yaml.YAMLError as e:  # duplicate keys included
+            raise BenchError(f"{usage}: {raw!r} is not a YAML value ({getattr(e, 'problem', None) or e}).") from None
         if json.dumps(value, sort_keys=True, default=str) in seen:
             raise BenchError(f"--sweep lists {raw!r} twice (as {value!r}). List each value once.")
         seen.add(json.dumps(value, sort_keys=True, default=str))
