@@ -138,6 +138,9 @@ def cmd_train(args) -> int:
         ev = summary.get("eval", {})
         figures = ", ".join(f"{k}={v:.4g}" for k, v in ev.items())
         print(f"finished {summary['step']} steps -> {cfg.output_dir}/policy" + (f"\nheld-out: {figures}" if figures else ""))
+        line = reward_source_line(cfg.reward.entry.name if cfg.reward else None, summary.get("reward_source", {}))
+        if line:
+            print(line)
         from rlhfzoo import stages
 
         if summary.get("eval") and stages.is_sft_stage(cfg):  # e.g. configs/sft.yaml: becomes the cached SFT stage
@@ -146,6 +149,14 @@ def cmd_train(args) -> int:
     else:
         print(f"stopped at step {summary['step']} (train.stop_after); continue with --resume")
     return 0
+
+
+def reward_source_line(name: str | None, metrics: dict[str, float]) -> str | None:
+    """The reward source's own counters (calls, failures and fallback rates), printed at the end of a
+    run so that a source that fell back on a default is never silent."""
+    if not name or not metrics:
+        return None
+    return f"reward source {name!r}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
 def cmd_bench(args) -> int:

@@ -90,3 +90,11 @@ def test_broken_third_party_plugin_does_not_take_others_down(tmp_path):
     env["RLHFZOO_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     r = run("list", env=env)
     assert r.returncode == 0 and "rlhfzoo_broken" not in r.stderr
+
+
+def test_reward_source_counters_are_printed_at_the_end():
+    from rlhfzoo.cli import reward_source_line
+
+    line = reward_source_line("critique", {"judge_fallback_rate": 0.25, "judge_calls": 8.0})
+    assert line == "reward source 'critique': judge_calls=8, judge_fallback_rate=0.25"
+    assert reward_source_line("gold", {}) is None and reward_source_line(None, {"x": 1.0}) is None
