@@ -9,12 +9,13 @@ batch of each step (`train.batch_size` examples) is cut into equal slices per pr
 into `train.grad_accum` micro-batches, so N processes x 1 micro-batch compute the same update
 as 1 process x N micro-batches.
 
-Run directory (`output_dir`):
+Run directory (`output_dir`, see rlhfzoo.run_dir):
     config.yaml          the resolved config
     metrics.jsonl        one JSON object per logged step
-    checkpoints/step-N/  weights (safetensors), optimizer, scheduler, RNG states, step; written
-                         to a temporary directory and renamed, with a manifest, so a kill
-                         mid-write never leaves a checkpoint that looks whole
+    checkpoints/step-N/  weights, optimizer, scheduler, objective, RNG states, budget counters, step,
+                         in safetensors and JSON (rlhfzoo.checkpoint; never pickles); written to a
+                         temporary directory and renamed, with a manifest, so a kill mid-write
+                         never leaves a checkpoint that looks whole
     policy/              the final policy (transformers format)
     summary.json         written last: a run without it is not finished
 """
@@ -33,20 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from rlhfzoo import artifacts
+from rlhfzoo import artifacts, checkpoint, run_dir
+from rlhfzoo.checkpoint import latest_checkpoint  # noqa: F401  (part of this module's API)
 from rlhfzoo.config import RunConfig
-from rlhfzoo.errors import UserError
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import Batch, Objective, Policy, RewardSource, Task
-
-
-class TrainingError(UserError, RuntimeError):
-    """A run stopped for a reason the user can act on (message says what and where)."""
-
-
-class NonFiniteError(TrainingError):
-    pass
+from rlhfzoo.training_errors import NonFiniteError, TrainingError  # noqa: F401  (re-exported)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -96,30 +91,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose manifest verifies (partial ones are ignored)."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = sorted(
-        (int(p.name.split("-")[1]), p) for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-    )
-    for _, p in reversed(steps):
-        if artifacts.verify(p):
-            return p
-    return None
-
-
 class CountingReward(RewardSource):
     """Wraps a reward source and counts the responses it scored (reward-model calls, for budgets)."""
 
@@ -138,16 +109,6 @@ class CountingReward(RewardSource):
         return getattr(self.inner, attr)
 
 
-class MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
 # ------------------------------------------------------------------------------------ trainer
 
 
@@ -158,6 +119,11 @@ class Trainer:
         self.cfg = cfg
         self.train = cfg.train
         self.log = log
+        if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise TrainingError(
+                "train.mixed_precision=fp16 needs a CUDA GPU and this machine has none (on CPU it would silently "
+                "train in fp32); set train.mixed_precision to bf16 or no"
+            )
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -247,6 +213,7 @@ class Trainer:
                 raise NonFiniteError(f"the gradient norm is {norm} at step {step + 1}; nothing was saved from this step")
             sums["grad_norm"] = norm
         self.optimizer.step()
+        self.check_weights(f"after step {step + 1}")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sums
@@ -281,80 +248,115 @@ class Trainer:
                 metrics[key] /= n
         return metrics
 
+    def check_weights(self, when: str) -> None:
+        """Stop (NonFiniteError) if any weight is NaN or infinite, so that none is ever saved: called
+        after every optimizer step and before every save; one fused reduction, one sync."""
+        params = [p.detach() for p in self.policy.parameters() if p.numel()]
+        if not params or torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf"))).max()):
+            return
+        bad = next((n for n, p in self.policy.module.named_parameters() if not torch.isfinite(p).all()), "?")
+        raise NonFiniteError(
+            f"the weights are not finite {when} (first: {bad}); nothing from this step was saved and the last good "
+            f"checkpoint is kept. The update overflowed: lower train.lr (now {self.train.lr:g}), keep "
+            "train.max_grad_norm set, or use train.mixed_precision: no"
+        )
+
     # -------------------------------------------------------------------------------- checkpoints
+    def _process_state(self) -> dict[str, Any]:
+        """What each process restores on resume: its RNG states and its budget counters."""
+        calls = self.reward.calls if self.reward is not None else 0
+        return {"rng": checkpoint.rng_state(), "counters": dict(getattr(self.policy, "counters", {})), "reward_calls": calls}
+
+    def _restore_process_state(self, state: dict[str, Any]) -> None:
+        checkpoint.set_rng_state(state["rng"])
+        if hasattr(self.policy, "counters"):
+            self.policy.counters.update({k: int(v) for k, v in state["counters"].items()})
+        if self.reward is not None:
+            self.reward.calls = int(state["reward_calls"])
+
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
         root = self.out / "checkpoints"
-        final = root / f"step-{self.step:06d}"
-        tmp = root / f".tmp-step-{self.step:06d}"
+        final, tmp = root / f"step-{self.step:06d}", root / f".tmp-step-{self.step:06d}"
+        self.check_weights(f"before saving checkpoint {final.name} at step {self.step}")
+        doing = f"writing checkpoint {final.name}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            with run_dir.disk_errors(self.out, doing):
+                checkpoint.remove_partial(root)  # this one's and any left by a killed run
+                tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
-        if acc.is_main_process:
-            self.policy.save_weights(str(tmp / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(self.objective.state_dict(), tmp / "objective.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "world": self.world}))
+        with run_dir.disk_errors(self.out, doing, cleanup=tmp):
+            checkpoint.save_state(self._process_state(), tmp / checkpoint.process_stem(self.rank), "process state")
+            if acc.is_main_process:
+                self.policy.save_weights(str(tmp / "model.safetensors"))
+                checkpoint.save_state(self.optimizer.state_dict(), tmp / "optimizer", "optimizer.state_dict()")
+                checkpoint.save_state(self.scheduler.state_dict(), tmp / "scheduler", "scheduler.state_dict()")
+                checkpoint.save_state(self.objective.state_dict(), tmp / "objective", "objective.state_dict()")
+                meta = {"format": checkpoint.FORMAT, "step": self.step, "world": self.world}
+                (tmp / "state.json").write_text(json.dumps(meta))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            artifacts.write_manifest(tmp, {"step": self.step})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            ckpts = sorted(p for p in root.iterdir() if p.name.startswith("step-"))
+            with run_dir.disk_errors(self.out, doing, cleanup=tmp):
+                artifacts.write_manifest(tmp, {"step": self.step})
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            ckpts = sorted(p for p in root.iterdir() if checkpoint.STEP_DIR.fullmatch(p.name))
             for old in ckpts[: -self.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "state.json").read_text())
-        if state["world"] != self.world:
-            raise TrainingError(f"checkpoint {path} was written by {state['world']} processes, this run has {self.world}")
-        self.policy.load_weights(str(path / "model.safetensors"))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        self.objective.load_state_dict(torch.load(path / "objective.pt", weights_only=False))
-        set_rng_state(torch.load(path / f"rng-{self.rank}.pt", weights_only=False))
-        self.step = state["step"]
+        """Restore everything from a checkpoint of checkpoint.FORMAT (anything else is refused unread)."""
+        meta = checkpoint.check_format(path, self.rank)
+        if meta["world"] != self.world:
+            raise TrainingError(f"checkpoint {path} was written by {meta['world']} processes, this run has {self.world}")
+        try:
+            self.policy.load_weights(str(path / "model.safetensors"))
+            self.optimizer.load_state_dict(checkpoint.load_state(path / "optimizer"))
+            self.scheduler.load_state_dict(checkpoint.load_state(path / "scheduler"))
+            self.objective.load_state_dict(checkpoint.load_state(path / "objective"))
+            self._restore_process_state(checkpoint.load_state(path / checkpoint.process_stem(self.rank)))
+        except TrainingError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            raise TrainingError(
+                f"checkpoint {path} does not fit this run ({type(e).__name__}: {e}); start over with --overwrite"
+            ) from e
+        self.step = int(meta["step"])
 
     # -------------------------------------------------------------------------------- the loop
     def prepare_output(self, resume: bool, overwrite: bool) -> None:
+        """Ready output_dir; on resume load the newest checkpoint, and only then forget what followed it."""
         acc = self.accelerator
         if acc.is_main_process:
-            started = self.out.exists() and any(self.out.iterdir())
-            if started and not resume:
-                if not overwrite:
-                    raise TrainingError(
-                        f"output_dir {self.out} already holds a run; continue it with --resume, or start over with --overwrite"
-                    )
-                shutil.rmtree(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "summary.json").unlink(missing_ok=True)
-            (self.out / "config.yaml").write_text(self.cfg.to_yaml())
+            run_dir.make_dir(self.out)
+            if not resume:
+                run_dir.clear_for_new_run(self.out, overwrite)
+                run_dir.write_atomic(self.out / "config.yaml", self.cfg.to_yaml())
         acc.wait_for_everyone()
-        if resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                self.log(f"[rlhfzoo] --resume: no complete checkpoint in {self.out}; starting from step 0")
-            else:
-                self.load_checkpoint(ckpt)
-                self.log(f"[rlhfzoo] resumed from {ckpt} (step {self.step})")
-                # Drop metrics logged after the checkpoint, so the log reads as one run.
-                mpath = self.out / "metrics.jsonl"
-                if acc.is_main_process and mpath.exists():
-                    rows = [r for r in mpath.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
-                    mpath.write_text("".join(r + "\n" for r in rows))
+        if not resume:
+            return
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            self.log(f"[rlhfzoo] --resume: no complete checkpoint in {self.out}; starting from step 0")
+        else:
+            run_dir.check_config_unchanged(self.out, self.cfg.to_dict())
+            self.load_checkpoint(ckpt)
+            self.log(f"[rlhfzoo] resumed from {ckpt} (step {self.step})")
+        if acc.is_main_process:
+            run_dir.forget_after(self.out, self.step, self.log)
+            checkpoint.remove_partial(self.out / "checkpoints")
+            run_dir.write_atomic(self.out / "config.yaml", self.cfg.to_yaml())
+        acc.wait_for_everyone()
 
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         self.prepare_output(resume, overwrite)
         acc, tr = self.accelerator, self.train
-        log = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process)
+        log = run_dir.MetricsLog(self.out, acc.is_main_process)
         step_fn = self._online_step if self.objective.online else self._offline_step
         stop_at = tr.steps if tr.stop_after is None else min(tr.steps, self.step + tr.stop_after)
         bar = tqdm(total=tr.steps, initial=self.step, disable=not (tr.progress and acc.is_main_process), desc=self.cfg.algorithm.entry.name)
@@ -431,14 +433,14 @@ class Trainer:
             summary["peak_rss_mb"] = peak_rss_mb()
             summary["counters"] = dict(getattr(self.policy, "counters", {}))
             summary["reward_source"] = self.reward.metrics() if self.reward is not None else {}
+            self.check_weights(f"before saving the final policy at step {self.step}")
             tmp = self.out / ".policy.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.policy.save(str(tmp))
-            shutil.rmtree(self.out / "policy", ignore_errors=True)
-            os.replace(tmp, self.out / "policy")
-            tmp_summary = self.out / ".summary.json.tmp"
-            tmp_summary.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp_summary, self.out / "summary.json")
+            with run_dir.disk_errors(self.out, "writing the final policy", cleanup=tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.policy.save(str(tmp))
+                shutil.rmtree(self.out / "policy", ignore_errors=True)
+                os.replace(tmp, self.out / "policy")
+            run_dir.write_atomic(self.out / "summary.json", json.dumps(summary, indent=1))
         acc.wait_for_everyone()
         return summary
 

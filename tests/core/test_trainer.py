@@ -164,3 +164,78 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks diverged on {k}"
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
+
+
+def poison_after_step(trainer, step, monkeypatch, where="optimizer"):
+    """Make one parameter NaN right after optimizer step `step` (1-based), as an overflowing
+    update would, or (where="after_iteration") in the objective's after-iteration hook."""
+    param = next(iter(trainer.policy.parameters()))
+
+    def poison():
+        if trainer.step + 1 == step:  # trainer.step counts the steps finished before this one
+            with torch.no_grad():
+                param.fill_(float("nan"))
+
+    if where == "optimizer":
+        real_step = trainer.optimizer.step
+
+        def step_then_poison(*args, **kwargs):
+            out = real_step(*args, **kwargs)
+            poison()
+            return out
+
+        monkeypatch.setattr(trainer.optimizer, "step", step_then_poison)
+    else:
+        real_after = trainer.objective.after_iteration
+
+        def after_then_poison(metrics):
+            out = real_after(metrics)
+            poison()
+            return out
+
+        monkeypatch.setattr(trainer.objective, "after_iteration", after_then_poison)
+
+
+def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "nan-weights"
+    trainer = Trainer(load_config(data=tiny_sft(out, steps=2, save_every=1)), log=lambda *_: None)
+    poison_after_step(trainer, 2, monkeypatch)
+    with pytest.raises(NonFiniteError, match=r"weights are not finite after step 2.*train\.lr"):
+        trainer.fit()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert not (out / "policy").exists() and not (out / "summary.json").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """Weights that turn NaN outside the optimizer step (an objective's hook) are caught before a save."""
+    out = tmp_path / "nan-hook"
+    trainer = Trainer(load_config(data=tiny_sft(out, steps=3, save_every=1)), log=lambda *_: None)
+    poison_after_step(trainer, 2, monkeypatch, where="after_iteration")
+    with pytest.raises(NonFiniteError, match=r"not finite.*step 2"):
+        trainer.fit()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_fp16_without_a_gpu_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainingError, match=r"train\.mixed_precision=fp16 needs a CUDA GPU.*bf16"):
+        Trainer(load_config(data=tiny_sft(tmp_path / "fp16", mixed_precision="fp16")))
+
+
+def test_budget_counters_survive_a_resume(tmp_path):
+    """summary.json counts the work of the whole run, not of the last invocation."""
+    def online(out, **train):
+        data = tiny_sft(out, steps=3, save_every=1, **train)
+        data["algorithm"] = {"name": "rejection-sampling", "n_samples": 2, "minibatch_size": 2}
+        data["policy"]["max_new_tokens"] = 4
+        data["reward"] = {"name": "gold"}
+        return load_config(data=data)
+
+    whole = Trainer(online(tmp_path / "whole"), log=lambda *_: None).fit()
+    Trainer(online(tmp_path / "parts", stop_after=2), log=lambda *_: None).fit()
+    parts = Trainer(online(tmp_path / "parts"), log=lambda *_: None).fit(resume=True)
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "parts")]
+    assert summaries[0]["counters"]["train_tokens"] > 0 and summaries[0]["counters"]["generated_tokens"] > 0
+    assert summaries[1]["counters"] == summaries[0]["counters"]
+    assert summaries[1]["reward_source"]["reward_calls"] == summaries[0]["reward_source"]["reward_calls"] == 3 * 4 * 2
+    assert parts["counters"] == whole["counters"]
