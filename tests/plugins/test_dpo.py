@@ -167,12 +167,13 @@ def test_loss_gradient_reaches_the_policy_and_metrics_are_consistent(tiny):
     assert 0.0 <= m["accuracy"] <= 1.0 and m["skipped_pairs"] == 0.0
 
 
-def test_identical_pairs_are_counted_and_masked(tiny):
+def test_identical_pairs_are_counted_and_masked(tiny, caplog):
     policy, collate = tiny
     data = toy_pairs(10, identical=3)
     obj = DPO()
-    with pytest.warns(UserWarning, match="3 of 10 preference pairs have identical"):
+    with caplog.at_level("WARNING", logger="rlhfzoo.plugins._preference"):
         obj.prepare(data, collate, policy.frozen_copy())
+    assert "3 of 10 preference pairs have identical" in caplog.text
     moved = perturbed(policy)
     full = obj.loss(collate(list(enumerate(data))), moved, None)
     kept = obj.loss(collate([(i, data[i]) for i in range(3, 10)]), moved, None)
