@@ -22,9 +22,10 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from rlhfzoo import hookimpl
-from rlhfzoo.data.hh import HHStats, load_hh_pairs, load_pretrained_tokenizer, train_bpe_tokenizer
+from rlhfzoo.data.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
 from rlhfzoo.data.jsonl import DataFileNotFoundError
 from rlhfzoo.interfaces import Demonstration, PluginConfig, PreferencePair, Task, UnpairedExample
+from rlhfzoo.plugins.hh_format import HHStats, load_hh_pairs
 from rlhfzoo.pretrained import TOKENIZER_FILES, check_source
 
 logger = logging.getLogger(__name__)

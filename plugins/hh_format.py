@@ -1,4 +1,4 @@
-"""Anthropic HH-RLHF preference data: parsing, loading, and a tokenizer trained on it.
+"""Anthropic HH-RLHF preference data: parsing and loading (the `hh-rlhf` task reads its data here).
 
 HH-RLHF (Bai et al. 2022, arXiv:2204.05862) stores each comparison as two full dialogues,
 
@@ -16,9 +16,7 @@ prompts differ, the two responses are the same, a response is empty, or there is
 turn. Over-long texts are cut to `max_chars` (prompts lose their oldest turns first) and counted.
 Malformed *files* (bad JSON, bad encoding, missing fields) raise `DataError`.
 
-`load_hh_pairs` reads a local `.jsonl` / `.jsonl.gz` file or a Hugging Face hub dataset;
-`train_bpe_tokenizer` trains a small byte-level BPE tokenizer on the texts, and
-`load_pretrained_tokenizer` loads a named one instead.
+`load_hh_pairs` reads a local `.jsonl` / `.jsonl.gz` file or a Hugging Face hub dataset.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from typing import Any
 
 from rlhfzoo.data.jsonl import DataError, check_fields, read_jsonl
 from rlhfzoo.interfaces import PreferencePair
-from rlhfzoo.pretrained import LoadError
 
 __all__ = [
     "HUMAN",
@@ -46,10 +43,6 @@ __all__ = [
     "parse_pairs",
     "load_hh_pairs",
     "iter_hub_rows",
-    "train_bpe_tokenizer",
-    "load_pretrained_tokenizer",
-    "EOS_TOKEN",
-    "PAD_TOKEN",
 ]
 
 logger = logging.getLogger(__name__)
@@ -337,66 +330,3 @@ def load_hh_pairs(
     # Skipped rows change what a run trains on: a warning, which is printed even where no logging is set up.
     logger.log(logging.WARNING if stats.skipped else logging.INFO, "HH-RLHF %s", stats.summary())
     return pairs, stats
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizers
-# --------------------------------------------------------------------------------------------
-
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-
-
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
-    """Train a byte-level BPE tokenizer on `texts`; returns a `transformers.PreTrainedTokenizerFast`.
-
-    Byte-level, so any text round-trips (no unknown token). `<|endoftext|>` is both bos and eos
-    (as in GPT-2) and `<|pad|>` is the padding token; no special tokens are added automatically
-    when encoding. The vocabulary holds the 256 byte symbols, the two special tokens and up to
-    `vocab_size - 258` merges. Training is deterministic given the texts.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    specials = [EOS_TOKEN, PAD_TOKEN]
-    if vocab_size < len(alphabet) + len(specials):
-        raise ValueError(f"vocab_size must be at least {len(alphabet) + len(specials)} for byte-level BPE, got {vocab_size}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=specials,
-        initial_alphabet=alphabet,
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-
-
-def load_pretrained_tokenizer(name_or_path: str):
-    """`AutoTokenizer.from_pretrained` (a local directory or a hub id), with pad set to eos if missing.
-
-    Raises `LoadError` (a `ValueError`) with advice when it cannot be loaded or has neither pad nor
-    eos token.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:  # noqa: BLE001 - missing dir, offline, unknown id
-        raise LoadError(
-            f"could not load the tokenizer {name_or_path!r}: {type(e).__name__}: {e}. Pass a local "
-            "directory holding a saved tokenizer (without network access a hub id only works if it is "
-            "already cached), or leave `tokenizer` unset to train a BPE tokenizer on the data."
-        ) from e
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise LoadError(
-                f"tokenizer {name_or_path!r} has neither a pad nor an eos token; pick another tokenizer "
-                "or leave `tokenizer` unset to train one on the data."
-            )
-        tok.pad_token = tok.eos_token
-    return tok

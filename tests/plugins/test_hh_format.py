@@ -1,4 +1,5 @@
-"""`rlhfzoo.data.hh`: parsing HH-RLHF rows into preference pairs, sources, and the BPE tokenizer."""
+"""`rlhfzoo.plugins.hh_format`: parsing HH-RLHF rows into preference pairs, and sources; the BPE tokenizer
+(`rlhfzoo.data.tokenizer`) on HH text."""
 
 import gzip
 import logging
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhfzoo.data.hh import (
+from rlhfzoo.data.tokenizer import train_bpe_tokenizer
+from rlhfzoo.plugins.hh_format import (
     ASSISTANT,
     HUMAN,
     iter_hub_rows,
@@ -18,13 +20,12 @@ from rlhfzoo.data.hh import (
     normalise_prompt,
     parse_pairs,
     split_dialogue,
-    train_bpe_tokenizer,
     truncate_prompt,
     truncate_response,
 )
 from rlhfzoo.data.jsonl import DataError, read_jsonl
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1] / "data"
 SMALL = HERE / "hh_small.jsonl"
 COLUMNS = HERE / "hh_columns.jsonl"
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -183,9 +184,9 @@ def test_prompt_layout_with_a_foreign_dialogue_is_a_prefix_mismatch():
 def test_gz_file_reads_like_the_plain_one(tmp_path, caplog):
     gz = tmp_path / "hh_small.jsonl.gz"
     gz.write_bytes(gzip.compress(SMALL.read_bytes()))
-    with caplog.at_level(logging.INFO, logger="rlhfzoo.data.hh"):
+    with caplog.at_level(logging.INFO, logger="rlhfzoo.plugins.hh_format"):
         pairs_gz, stats_gz = load_hh_pairs(gz)
-    summary = [r.getMessage() for r in caplog.records if r.name == "rlhfzoo.data.hh"]
+    summary = [r.getMessage() for r in caplog.records if r.name == "rlhfzoo.plugins.hh_format"]
     pairs, _ = load_hh_pairs(SMALL)
     assert pairs_gz == pairs
     assert len(summary) == 1 and "\n" not in summary[0]
@@ -198,7 +199,7 @@ def test_skipped_rows_are_a_warning_printed_without_any_logging_set_up(tmp_path)
     logging (the command line) still prints it, while a clean file stays quiet."""
     clean = tmp_path / "clean.jsonl"
     clean.write_text('{"chosen": "\\n\\nHuman: q?\\n\\nAssistant: yes", "rejected": "\\n\\nHuman: q?\\n\\nAssistant: no"}\n')
-    code = "import sys; from rlhfzoo.data.hh import load_hh_pairs; load_hh_pairs(sys.argv[1])"
+    code = "import sys; from rlhfzoo.plugins.hh_format import load_hh_pairs; load_hh_pairs(sys.argv[1])"
     r = subprocess.run([sys.executable, "-c", code, str(SMALL)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "9 rows -> 5 pairs, 4 skipped (prefix mismatch 1, identical 1" in r.stderr
