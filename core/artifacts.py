@@ -1,6 +1,10 @@
-"""A cache of pipeline stages (tokenizers, SFT models, generated datasets), keyed by config.
+"""A cache of pipeline stages (SFT models, reward models, generated datasets), keyed by config.
 
-    path = artifact("sft", {"task": ..., "train": ...}, build)   # build(tmp_dir) writes files
+    path = artifact("my-stage", {"task": ..., "train": ...}, build)   # build(tmp_dir) writes files
+    path = finished("my-stage", {"task": ..., "train": ...})          # the finished artifact, or None
+
+Registered stages (`rlhfzoo.interfaces.Stage`) are built and read through `rlhfzoo.stages`,
+which keys each artifact by the stage's name and its `key(task)`.
 
 An artifact is a directory `<cache>/<stage>/<key>/` where key hashes the stage's config and the
 code version. It is built in a temporary sibling directory and moved into place with one
@@ -93,6 +97,12 @@ def _remove_leftover_builds(final: Path) -> None:
 
 def artifact_path(stage: str, config: Any) -> Path:
     return cache_root() / stage / config_hash({"config": config, "code": CODE_VERSION})
+
+
+def finished(stage: str, config: Any) -> Path | None:
+    """The directory of the finished artifact of this key, or None; never builds anything."""
+    final = artifact_path(stage, config)
+    return final if verify(final) else None
 
 
 def artifact(stage: str, config: Any, build: Callable[[Path], None], log: Callable[[str], None] | None = print) -> Path:

@@ -18,6 +18,8 @@ the reward model's score for reward models).
 
 Everything a user can get wrong is reported before any run starts (`bench_plan`: counts, names,
 `--config`, every problem of every run's config, `--sweep`, run directories inside `--out`).
+Then every cached stage the runs read (the task's SFT policy, its reward model, ...: `rlhfzoo.stages`)
+is built once, in the bench itself, with its progress bar, so every row starts from the same ones.
 Each run executes in its own process (`python -m rlhfzoo.bench --worker SPEC`), so a crash is
 contained (its row is marked failed), its peak memory is its own, and Ctrl-C leaves every
 finished run intact; a worker dies with the bench, and owns its run directory alone while it
@@ -43,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlhfzoo import stages
 from rlhfzoo.bench_plan import (  # noqa: F401  (BenchError, RunSpec, BASELINE and the planning helpers: the bench's public names)
     BASELINE,
     BenchError,
@@ -53,6 +56,7 @@ from rlhfzoo.bench_plan import (  # noqa: F401  (BenchError, RunSpec, BASELINE a
     plan,
     resolve_names,
     run_config,
+    stages_needed,
 )
 from rlhfzoo.bench_runs import RunLock, die_with_parent, execute, read_spec, same_spec  # noqa: F401
 from rlhfzoo.bench_stats import aggregate, bradley_terry, mean_ci, pair_accuracy, win_rate  # noqa: F401
@@ -82,8 +86,9 @@ def worker(spec: RunSpec) -> int:
     d = Path(spec.directory)
     start = time.time()
     result: dict[str, Any] = {"label": spec.label, "name": spec.name, "seed": spec.seed, "kind": spec.kind}
+    cfg = load_config(data=run_config(spec))
+    stages.build_for(cfg, log=print)  # built by the bench already: found in the cache
     if spec.kind == "objective":
-        cfg = load_config(data=run_config(spec))
         (d / "config.yaml").write_text(cfg.to_yaml())
         trainer = Trainer(cfg, log=lambda *_: None)
         summary = trainer.fit(overwrite=True)
@@ -98,7 +103,6 @@ def worker(spec: RunSpec) -> int:
         result["train_seconds"] = summary["train_seconds"]
         result["objective_eval"] = summary.get("eval", {})
     else:
-        cfg = load_config(data=run_config(spec))
         (d / "config.yaml").write_text(cfg.to_yaml())
         task = cfg.task.create()
         policy = cfg.policy.create(task=task)
@@ -310,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BenchError(f"cannot create --out {out}: {e.strerror or e}. Choose a directory you can write to.") from None
+    for task, name in stages_needed(specs):  # before any run: every row starts from the same cached stages
+        stages.build(name, task, log=print, progress=True)
     meta = {
         "task": specs[0].config["task"]["name"],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

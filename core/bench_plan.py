@@ -23,8 +23,10 @@ from typing import Any
 
 import yaml
 
+from rlhfzoo import stages
 from rlhfzoo.config import ConfigError, apply_overrides, parse_value, read_yaml, resolve
 from rlhfzoo.errors import UserError
+from rlhfzoo.interfaces import Task
 from rlhfzoo.registry import UnknownNameError, registry
 
 BASELINE = "sft-baseline"
@@ -315,3 +317,23 @@ def plan(args) -> list[RunSpec]:
     check_distinct_directories(specs)
     validate_configs(specs, source)
     return specs
+
+
+# ------------------------------------------------------------------------------------ the stages the runs read
+
+
+def stages_needed(specs: list[RunSpec]) -> list[tuple[Task, str]]:
+    """(task, stage name) of every cached stage the runs read (`rlhfzoo.stages.needed`), each once
+    per task config, in the order of the runs: what the bench builds before the first run."""
+    out: list[tuple[Task, str]] = []
+    tasks: dict[str, Task] = {}
+    seen: set[tuple[str, str]] = set()
+    for spec in specs:
+        cfg = resolve(run_config(spec))
+        task_key = json.dumps(cfg.task.to_dict(), sort_keys=True)
+        task = tasks.setdefault(task_key, cfg.task.create())
+        for name in stages.needed(cfg, task):
+            if (task_key, name) not in seen:
+                seen.add((task_key, name))
+                out.append((task, name))
+    return out

@@ -1,4 +1,4 @@
-"""`rlhfzoo` command line: list | show | plugins | registry | train | bench.
+"""`rlhfzoo` command line: list | show | plugins | registry | train | bench | stage.
 
 User errors (bad config, unknown names, bad data) print one message and exit with status 2;
 `--debug` shows the traceback as well.
@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from rlhfzoo import __version__
+from rlhfzoo import __version__, stages
+from rlhfzoo.config import ConfigError, apply_overrides
 from rlhfzoo.errors import UserError
+from rlhfzoo.interfaces import Task
 from rlhfzoo.registry import KINDS, registry
 
 EXIT_USER_ERROR = 2
@@ -42,6 +45,8 @@ def cmd_list(args) -> int:
         print(f"{KINDS[kind].plural}:")
         for e in entries:
             extra = f" [{e.data_kind}]" if e.data_kind else ""
+            if e.kind == "stage" and e.cls.requires:
+                extra = f" [after {', '.join(e.cls.requires)}]"
             alias = f" (alias: {', '.join(e.aliases)})" if e.aliases else ""
             pkg = "" if e.package == "rlhfzoo" else f" <{e.package}>"
             status = " (experimental)" if e.status == "experimental" else ""
@@ -68,6 +73,9 @@ def cmd_show(args) -> int:
         if e.data_kind:
             online = " (online: samples from the policy)" if getattr(e.cls, "online", False) else ""
             print(f"  data kind: {e.data_kind}{online}")
+        if e.kind == "stage":
+            print(f"  requires:  {', '.join(e.cls.requires) or '(nothing)'}")
+            print(f"  build:     rlhfzoo stage {e.name} --task TASK [--set task.KEY=VALUE ...]")
         fields = e.cls.Config.model_fields
         print("  config:" if fields else "  config:    (no options)")
         for fname, f in fields.items():
@@ -141,11 +149,8 @@ def cmd_train(args) -> int:
         line = reward_source_line(cfg.reward.entry.name if cfg.reward else None, summary.get("reward_source", {}))
         if line:
             print(line)
-        from rlhfzoo import stages
-
-        if summary.get("eval") and stages.is_sft_stage(cfg):  # e.g. configs/sft.yaml: becomes the cached SFT stage
-            path = stages.adopt_sft_run(cfg, Path(cfg.output_dir) / "policy", summary["eval"], log=None)
-            print(f"this run is the SFT stage of task {cfg.task.entry.name!r}; cached at {path} (every `init: sft` run starts from it)")
+        for name, path in stages.adopt(cfg, Path(cfg.output_dir), log=None):  # e.g. configs/sft.yaml: the `sft` stage
+            print(f"this run is the {name!r} stage of task {cfg.task.entry.name!r}; cached at {path} (what reads the stage starts from it)")
     else:
         print(f"stopped at step {summary['step']} (train.stop_after); continue with --resume")
     return 0
@@ -157,6 +162,30 @@ def reward_source_line(name: str | None, metrics: dict[str, float]) -> str | Non
     if not name or not metrics:
         return None
     return f"reward source {name!r}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def cmd_stage(args) -> int:
+    """Build one stage (and the stages it requires) for a task, with the progress bars of what trains."""
+    name = registry.get("stage", args.name).name
+    task = stage_task(args.task, args.set or [])
+    path = stages.build(name, task, log=print, progress=True)
+    print(f"stage {name!r} of task {task.name!r}: {path}")
+    return 0
+
+
+def stage_task(name: str, sets: list[str]) -> Task:
+    """The task `--task NAME` with the options of every `--set task.KEY=VALUE`, validated."""
+    data = apply_overrides({"task": {"name": name}}, sets)
+    problems = [(str(k), "a stage depends on its task only: give task options, --set task.KEY=VALUE") for k in data if k != "task"]
+    options = dict(data["task"]) if isinstance(data.get("task"), dict) else {}
+    entry = registry.get("task", str(options.pop("name", name)))
+    try:
+        config = entry.cls.Config(**options)
+    except ValidationError as e:
+        problems += [("task." + ".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]
+    if problems:
+        raise ConfigError(problems, source="--task, --set")
+    return entry.cls(config)
 
 
 def cmd_bench(args) -> int:
@@ -175,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered names")
-    p.add_argument("--kind", type=_kind_arg, help="objective | reward-source | policy | task")
+    p.add_argument("--kind", type=_kind_arg, help="objective | reward-source | policy | task | stage")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("show", help="describe one registered name and its config fields")
@@ -199,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in output_dir first")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("stage", help="build a cached stage (a task's SFT policy, reward model, ...) with a progress bar")
+    p.add_argument("name", help="a registered stage (`rlhfzoo list --kind stage`)")
+    p.add_argument("--task", default="sentiment", help="registered task (default: sentiment)")
+    p.add_argument("--set", action="append", metavar="task.KEY=VALUE", help="a task option (repeatable)")
+    p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("bench", help="run algorithms head to head", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -38,3 +38,9 @@ def register_policies(register):
 @hookspec
 def register_tasks(register):
     """Register `Task` subclasses (data, tokenizers, gold rewards)."""
+
+
+@hookspec
+def register_stages(register):
+    """Register `Stage` subclasses (cached, expensive steps other plugins read: a task's SFT
+    policy, its reward model, ...; built by `rlhfzoo.stages`)."""

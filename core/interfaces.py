@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
 
 import torch
@@ -192,6 +193,14 @@ class Plugin:
     status: ClassVar[Literal["stable", "experimental"]] = "stable"
     Config: ClassVar[type[PluginConfig]] = EmptyConfig
 
+    @classmethod
+    def required_stages(cls, config: PluginConfig) -> list[str]:
+        """Names of the cached stages (`Stage`) an instance with this config reads, e.g. the task's
+        SFT policy for a policy initialised from it. Whoever constructs plugins (the trainer, the
+        bench, the command line) builds these first with `rlhfzoo.stages`; a constructor only reads
+        them. None by default."""
+        return []
+
 
 # --------------------------------------------------------------------------------------------
 # The interfaces
@@ -268,6 +277,11 @@ class RewardSource(Plugin, ABC):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """Rewards [B] (float32)."""
 
+    def compare(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> torch.Tensor:
+        """Pairwise judgement [B]: > 0 where response A is better, < 0 where B is, 0 for a tie or no
+        verdict. Optional: only sources that judge pairs directly (an LLM judge) implement it."""
+        raise NotImplementedError(f"reward source {self.name!r} does not compare responses pairwise")
+
     def metrics(self) -> dict[str, float]:
         """Counters worth logging (calls, fallbacks, truncations); empty by default."""
         return {}
@@ -279,7 +293,25 @@ class Objective(Plugin, ABC):
     Offline objectives set `data_kind` to one of DATA_KINDS and implement `loss`. Online
     objectives set `online = True`, `data_kind = "prompts"`, and also implement
     `make_experience` (rollout + rewards -> experience) and `minibatches` (experience ->
-    batches for `loss`); `after_iteration` may adapt coefficients (adaptive KL).
+    batches for `loss`).
+
+    The trainer calls the hooks in this order (every one but `loss` is optional):
+
+        setup(policy, task)                      once, before the optimizer is built
+        prepare(data, collate, reference)        once, with the whole training set
+        reference_needed_in_training()           once, after `prepare`: False frees the reference model
+        offline, each step:
+            loss(micro-batch) ...  -> optimizer step -> after_step(metrics)
+        online, each iteration (`train.steps` counts iterations):
+            samples_per_prompt() rollouts of each prompt -> rewards
+            make_experience(rollout, rewards, policy, reference)
+            for each item of minibatches(experience, policy):
+                loss(micro-batch) ...  -> optimizer step -> after_step(metrics)
+            after_iteration(metrics)
+
+    `after_step` is the per-optimizer-step hook (target-network updates, early stopping within an
+    iteration); `after_iteration` the per-iteration one (adaptive KL coefficients, per-iteration
+    counters), never called offline. What either returns is logged with the step's metrics.
     """
 
     data_kind: ClassVar[str] = "demonstrations"
@@ -299,9 +331,6 @@ class Objective(Plugin, ABC):
     # False for objectives whose output is a scorer rather than a policy to sample from (reward
     # models): `rlhfzoo bench` then reports their held-out figures (`evaluate`) without sampling.
     trains_policy: ClassVar[bool] = True
-    # Online objectives that compare several samples of one prompt (rejection sampling) get
-    # this many rollouts per prompt from the trainer.
-    samples_per_prompt: ClassVar[int] = 1
 
     def __init__(self, config: PluginConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -329,24 +358,47 @@ class Objective(Plugin, ABC):
         before the optimizer is built: attach extra trainable modules to `policy.module` here
         (ILQL's Q/V heads) so they are optimised and checkpointed with it."""
 
-    def prepare(self, data: Sequence[Any], collate: Callable[[list], Any], reference: "Policy | None") -> bool:
+    def prepare(self, data: Sequence[Any], collate: Callable[[list], Any], reference: "Policy | None") -> None:
         """Called once before training with the whole training set, a collate function taking
-        a list of (row, example), and the reference policy. Offline objectives may cache
-        reference log-probs here; return True when the reference model is no longer needed
-        during training (the trainer then frees it)."""
-        return False
+        a list of (row, example), and the reference policy (None unless `needs_reference`).
+        Offline objectives may cache reference log-probs here (then say so through
+        `reference_needed_in_training`)."""
+
+    def reference_needed_in_training(self) -> bool:
+        """Whether `loss` / `make_experience` still need the reference model once `prepare` has run.
+        The trainer asks once, after `prepare`, and frees the reference model when this is False
+        (it builds it again for the evaluations that need it). Default: `needs_reference`; an
+        objective that cached the reference's log-probs in `prepare` returns False."""
+        return self.needs_reference
+
+    def after_step(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Called after every optimizer step, offline and online, with that step's metrics (each
+        averaged over the step's micro-batches, on this process); returns extra metrics, logged
+        with the step's (online: averaged over the iteration's steps)."""
+        return {}
 
     # Online objectives only -----------------------------------------------------------------
+    def samples_per_prompt(self) -> int:
+        """Rollouts the trainer draws for each prompt of an iteration, consecutively in the rollout
+        (1; rejection sampling compares N samples of a prompt)."""
+        return 1
+
     def make_experience(
         self, rollout: Rollout, rewards: torch.Tensor, policy: Policy, reference: Policy | None
     ) -> Any:
         raise NotImplementedError(f"{type(self).__name__} is offline and has no experience step")
 
-    def minibatches(self, experience: Any) -> Iterable[Any]:
+    def minibatches(self, experience: Any, policy: Policy) -> Iterable[Any]:
+        """The iteration's optimizer steps: each item is one step's batch, or a list of its
+        micro-batches. A generator resumes after the trainer's `after_step` of the step it
+        yielded, so it may stop early on what that hook recorded (PPO's KL early stop), and runs
+        its remaining code after the last step (PPO-penalty measures the KL of the update)."""
         raise NotImplementedError(f"{type(self).__name__} is offline and has no experience step")
 
     def after_iteration(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Called after each online iteration (or offline step) with its metrics; returns extra metrics."""
+        """Called after each online iteration (never offline) with its metrics (the reward, the
+        step metrics averaged over its optimizer steps); returns extra metrics. Adapt coefficients
+        between iterations here (adaptive KL)."""
         return {}
 
     # Checkpointed state of the objective itself (e.g. an adaptive KL coefficient).
@@ -386,6 +438,21 @@ class Task(Plugin, ABC):
         """Options for a model trained from scratch on this task (architecture sizes)."""
         return {}
 
+    def provides(self, kind: str) -> bool:
+        """Whether the task has examples of a data kind. By default: whether `examples(kind, "test")`
+        answers without an error; a task whose examples come from a stage answers without it."""
+        try:
+            self.examples(kind, split="test")
+        except (ValueError, KeyError, NotImplementedError):
+            return False
+        return True
+
+    def stages_for(self, kind: str) -> list[str]:
+        """Names of the cached stages (`Stage`) that `examples(kind, ...)` reads, for either split
+        (e.g. the SFT samples a task derives its preference data from). Built before the task's
+        examples are asked for; none by default."""
+        return []
+
     def sft_task_options(self) -> dict[str, Any]:
         """The task options the SFT stage depends on (its cache key); all of them by default."""
         return self.config.model_dump(mode="json")
@@ -397,3 +464,41 @@ class Task(Plugin, ABC):
     def response_metrics(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
         """Task-specific quality figures of generated responses (e.g. grammatical rate)."""
         return {}
+
+
+class Stage(Plugin, ABC):
+    """A cached, expensive step whose output other plugins read: a task's SFT policy, its reward
+    model, a critique judge, samples that preference data is derived from.
+
+    `rlhfzoo.stages` builds a stage once per key: `requires` first, then `build`, into a temporary
+    directory that becomes the artifact `<cache>/<artifact>/<hash of key(task)>/` (see
+    `rlhfzoo.artifacts`); `stages.path(name, task)` returns the output inside it (`output`) or
+    says how to build it. Plugins declare the stages they read (`Plugin.required_stages`,
+    `Task.stages_for`), so the trainer, the bench and the command line build them before any
+    constructor runs, and constructors never train.
+    """
+
+    requires: ClassVar[tuple[str, ...]] = ()  # stages built before this one
+    artifact: ClassVar[str] = ""  # the cache directory (default: the name); variants of one stage may share it
+    output: ClassVar[str] = ""  # where the output lies inside the artifact, e.g. "run/policy"
+
+    def __init__(self, config: PluginConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def key(self, task: Task) -> dict[str, Any]:
+        """Everything the output depends on for this task (JSON-able); its hash names the artifact."""
+
+    @abstractmethod
+    def build(self, directory: Path, task: Task, log: Callable[[str], None] | None, progress: bool = False) -> None:
+        """Write the output into `directory` (a temporary one, renamed into place when this returns).
+        `progress`: show the progress bar of what runs (e.g. a nested training run)."""
+
+    def adopts(self, cfg: Any, run_dir: Path) -> bool:
+        """Whether the finished `rlhfzoo train` run of config `cfg` in `run_dir` produced exactly this
+        stage's output for its task (so it can be cached as the stage instead of training it again)."""
+        return False
+
+    def adopt(self, cfg: Any, run_dir: Path, directory: Path) -> None:
+        """Write the output of an adopted run (see `adopts`) into `directory`, as `build` would."""
+        raise NotImplementedError(f"stage {self.name!r} adopts no run")

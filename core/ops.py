@@ -1,4 +1,4 @@
-"""Tensor helpers shared by the online RL objectives: masked statistics, GAE, KL controllers.
+"""Tensor helpers shared by the objectives: masked statistics, the SFT loss, GAE, KL controllers.
 
 Masks are 0/1 tensors the shape of the data; a masked-out entry never contributes to a statistic
 and comes out as 0 of `gae`. Sequences may be left-padded (prompts) and right-padded (responses),
@@ -29,7 +29,14 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over the entries where `mask` is 1 (over `dim`, or everything); 0 where none are."""
+    """Mean of `x` over the entries where `mask` is 1 (over `dim`, or everything); 0 where none are,
+    still attached to `x`'s graph (a loss over an all-masked batch backpropagates zeros).
+
+    Entries off the mask are dropped by a `where`, not multiplied by 0, so a NaN or inf there never
+    reaches the mean. On finite inputs this is the product form `(x * mask).sum() / n` bit for bit
+    (up to the sign of an exact zero), which is what the preference objectives (DPO/IPO/KTO losses
+    and metrics over their valid rows) and the SFT loss were written with.
+    """
     mask = mask.to(x.dtype)
     if dim is None:
         return apply_mask(x, mask).sum() / mask.sum().clamp(min=1)
@@ -54,6 +61,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     if not shift_mean:
         whitened = whitened + mean
     return apply_mask(whitened, mask)
+
+
+def response_nll(logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """The SFT loss: mean negative log-likelihood of the response tokens of a micro-batch,
+
+        L = - (1 / |y|) sum_t log pi(y_t | x, y_<t)        (token mean over the whole micro-batch)
+
+    `logprobs` [B, T-1] as `Policy.logprobs` returns them (entry t is about token t+1) and
+    `response_mask` [B, T] as the batch holds it (shifted here); 0 for a batch without response tokens.
+    """
+    return -masked_mean(logprobs, response_mask[:, 1:])
 
 
 # ------------------------------------------------------------------------------ advantages

@@ -1,6 +1,7 @@
 """The default policy: a Hugging Face `transformers` causal LM (registered as `hf`).
 
-Weights come from the task's cached SFT model (`init: sft`), a new model trained from scratch
+Weights come from the task's SFT stage (`init: sft`, read with `rlhfzoo.stages`; whoever
+constructs the policy builds it first), a new model trained from scratch
 (`init: scratch`, GPT-2 or Llama style, sized by the task), or a local path / hub id.
 
 Every log-prob goes through `rlhfzoo.kernels.linear_logprobs`, from the last hidden states and
@@ -21,7 +22,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_model, save_model
 
-from rlhfzoo import hookimpl, kernels
+from rlhfzoo import hookimpl, kernels, stages
 from rlhfzoo.data.collate import pad, prompt_ids
 from rlhfzoo.interfaces import Policy, PluginConfig, Rollout
 from rlhfzoo.pretrained import MODEL_FILES, TOKENIZER_FILES, check_source, load_error
@@ -34,7 +35,8 @@ TOKENIZER_FIX = "Give a directory written by a tokenizer's `save_pretrained`, a 
 class HFPolicyConfig(PluginConfig):
     init: str = Field(
         "sft",
-        description="Where the weights come from: `sft` (the task's cached SFT policy, trained on demand), "
+        description="Where the weights come from: `sft` (the task's SFT stage: `rlhfzoo stage sft` builds it, and so do "
+        "`rlhfzoo train` and `rlhfzoo bench` before they start), "
         "`scratch` (a new model of `arch`), or a local path / hub id of a pretrained causal LM.",
     )
     arch: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture of a model trained from scratch.")
@@ -204,6 +206,11 @@ class HFPolicy(Policy):
     paper = ""
     Config = HFPolicyConfig
 
+    @classmethod
+    def required_stages(cls, config: HFPolicyConfig) -> list[str]:
+        """`init: sft` reads the task's SFT stage."""
+        return ["sft"] if config.init == "sft" else []
+
     def __init__(self, config: HFPolicyConfig | None = None, task: Any = None, model: torch.nn.Module | None = None, tokenizer: Any = None):
         self.config = config or HFPolicyConfig()
         self.task = task
@@ -232,9 +239,7 @@ class HFPolicy(Policy):
         if init == "sft":
             if task is None:
                 raise ValueError("policy.init=sft needs a task")
-            from rlhfzoo import stages
-
-            path = str(stages.sft_policy_path(task))
+            path = str(stages.path("sft", task))
         else:
             path = init
         try:

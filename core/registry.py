@@ -29,7 +29,7 @@ import pluggy
 
 from rlhfzoo import hookspecs
 from rlhfzoo.errors import UserError
-from rlhfzoo.interfaces import Objective, Plugin, PluginConfig, Policy, RewardSource, Task
+from rlhfzoo.interfaces import Objective, Plugin, PluginConfig, Policy, RewardSource, Stage, Task
 
 ENTRY_POINT_GROUP = "rlhfzoo"
 DISABLE_ENV = "RLHFZOO_DISABLE_PLUGIN_AUTOLOAD"
@@ -72,6 +72,7 @@ KINDS: dict[str, Kind] = {
         Kind("reward_source", "reward sources", "register_reward_sources", RewardSource, "Reward source"),
         Kind("policy", "policies", "register_policies", Policy, "Policy"),
         Kind("task", "tasks", "register_tasks", Task, "Task"),
+        Kind("stage", "stages", "register_stages", Stage, "Stage"),
     )
 }
 
@@ -146,6 +147,8 @@ class Entry:
         if self.kind == "objective":
             meta["data_kind"] = self.data_kind
             meta["online"] = bool(getattr(self.cls, "online", False))
+        if self.kind == "stage":
+            meta["requires"] = list(self.cls.requires)
         meta["config"] = config_defaults(self.cls.Config)
         return meta
 

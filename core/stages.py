@@ -1,99 +1,131 @@
-"""Cached pipeline stages shared by every run and benchmark: the task's SFT policy and the
-samples drawn from it (from which tasks derive preference data). Each is an artifact keyed by
-its config (`rlhfzoo.artifacts`), so all algorithms start from the same point and the work is
-done once per machine."""
+"""Cached stages: expensive steps whose output other plugins read (a task's SFT policy, its reward
+model, a critique judge, the samples that preference data is derived from).
+
+A stage is a registered plugin (`rlhfzoo.interfaces.Stage`, hook `register_stages`); this module
+is the one mechanism that builds and finds them, and it names none of them:
+
+    stages.build(name, task)      # its `requires` first, then the stage itself; cached
+    stages.path(name, task)       # the built output, or StageNotBuilt saying how to build it
+    stages.build_for(cfg)         # every stage a resolved run config needs
+
+Plugins say which stages they read: `Plugin.required_stages(config)` (e.g. a policy whose weights
+are the task's SFT policy) and `Task.stages_for(kind)` (examples derived from a stage). Whoever
+constructs plugins -- the trainer, the bench, the command line -- builds those first, so a
+constructor only reads (`path`) and never trains.
+
+Each output is an artifact (`rlhfzoo.artifacts`) named by the stage (or its `artifact`) and keyed
+by `key(task)`, so every run and benchmark starts from the same one and the work is done once per
+cache. A finished `rlhfzoo train` run that produced exactly a stage's output is cached as that
+stage by `adopt`, which asks every registered stage (`Stage.adopts`).
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import shlex
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable
 
-from rlhfzoo.artifacts import artifact
+from rlhfzoo.artifacts import artifact, cache_root, finished
+from rlhfzoo.errors import UserError
+from rlhfzoo.interfaces import Stage, Task
+from rlhfzoo.registry import registry
 
-
-def task_section(task: Any) -> dict[str, Any]:
-    return {"name": task.name, **task.sft_task_options()}
-
-
-def sft_run_data(task: Any) -> dict[str, Any]:
-    """The run config (as a mapping) of the task's SFT stage."""
-    return {
-        "task": task_section(task),
-        "policy": {"name": "hf", "init": "scratch", **task.default_model_config()},
-        "algorithm": {"name": "sft"},
-        "train": {**task.sft_recipe(), "progress": False, "eval_prompts": 0},
-    }
+Log = Callable[[str], None] | None
 
 
-def sft_policy_path(task: Any, log=print) -> Path:
-    """Directory of the task's SFT policy (transformers format), trained on first use."""
-    from rlhfzoo.config import load_config
-    from rlhfzoo.evaluation import evaluate
-    from rlhfzoo.trainer import Trainer
-
-    data = sft_run_data(task)
-
-    def build(tmp: Path) -> None:
-        if log:
-            log(f"[rlhfzoo] training the SFT policy for task {task.name!r} (cached for later runs)")
-        cfg = load_config(data={**data, "output_dir": str(tmp / "run")})
-        trainer = Trainer(cfg, log=log)
-        trainer.fit()
-        report = evaluate(trainer.policy, trainer.task, n_prompts=128, seed=0)
-        (tmp / "run" / "policy" / "sft_report.json").write_text(json.dumps(report, indent=1))
-        if log:
-            log(f"[rlhfzoo] SFT policy for {task.name!r}: " + ", ".join(f"{k}={v:.3f}" for k, v in report.items()))
-
-    return artifact("sft", data, build, log=log) / "run" / "policy"
+class StageError(UserError):
+    """A stage cannot be built as asked (e.g. stages that require each other)."""
 
 
-# Train settings that change the SFT weights (the rest only change logging, checkpoints, the final evaluation).
-WEIGHT_FIELDS = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_schedule",
-                 "max_grad_norm", "mixed_precision", "seed", "eval_every")  # eval_every: sampling mid-run draws random numbers
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p")
+class StageNotBuilt(StageError):
+    """A plugin asked for a stage's output before anything built it; the message says how to."""
+
+    def __init__(self, name: str, task: Task):
+        self.name, self.task = name, task
+        super().__init__(
+            f"the {name!r} stage of task {task.name!r} is not built yet (cache: {cache_root()}). Build it with "
+            f"`{build_command(name, task)}`, or run `rlhfzoo train` or `rlhfzoo bench`, which build the stages "
+            "a run needs before it starts."
+        )
 
 
-def is_sft_stage(cfg: Any) -> bool:
-    """Whether a resolved run config trains exactly its task's SFT stage (the stage's model,
-    objective and weight-relevant train settings), so its result can serve as the stage."""
-    from rlhfzoo.config import load_config
+def build_command(name: str, task: Task) -> str:
+    """The command line that builds stage `name` for this task (its non-default options as `--set`)."""
+    options = task.config.model_dump(mode="json", exclude_defaults=True)
+    sets = [f"--set {shlex.quote(f'task.{k}={json.dumps(v)}')}" for k, v in options.items()]
+    return " ".join(["rlhfzoo stage", shlex.quote(name), "--task", shlex.quote(task.name), *sets])
 
-    if cfg.algorithm.entry.name != "sft" or cfg.policy.entry.name != "hf":
-        return False
+
+def get(name: str) -> Stage:
+    """The registered stage `name` (or alias), with its default config."""
+    return registry.get("stage", name).cls()
+
+
+def _artifact_name(name: str) -> str:
+    entry = registry.get("stage", name)
+    return entry.cls.artifact or entry.name
+
+
+def path(name: str, task: Task) -> Path:
+    """The output of stage `name` for this task; raises `StageNotBuilt` when it is not built.
+    Builds nothing: what constructors call."""
+    stage = get(name)
+    directory = finished(_artifact_name(name), stage.key(task))
+    if directory is None:
+        raise StageNotBuilt(name, task)
+    return directory / stage.output
+
+
+def build(name: str, task: Task, log: Log = print, progress: bool = False) -> Path:
+    """The output of stage `name` for this task, built first if needed: its `requires` (and theirs)
+    first, then the stage itself. `progress` shows the progress bars of what runs. Every key is
+    computed before anything is built, so a stage that does not apply to the task fails at once."""
+    return _build(name, task, log, progress, chain=())
+
+
+def _build(name: str, task: Task, log: Log, progress: bool, chain: tuple[str, ...]) -> Path:
+    canonical = registry.get("stage", name).name
+    if canonical in chain:
+        raise StageError(f"stages require each other in a cycle: {' -> '.join([*chain, canonical])}")
+    stage = get(name)
+    key = stage.key(task)
+    for required in stage.requires:
+        _build(required, task, log, progress, (*chain, canonical))
+    directory = artifact(_artifact_name(name), key, partial(stage.build, task=task, log=log, progress=progress), log=log)
+    return directory / stage.output
+
+
+def needed(cfg: Any, task: Task) -> list[str]:
+    """Names of the stages a resolved run config (`rlhfzoo.config.RunConfig`) reads, asked from its
+    plugins: each section's `required_stages(config)`, and the task's `stages_for` the kind of
+    examples the objective trains on. Their own `requires` are not listed (`build` adds them)."""
+    names: list[str] = []
+    for section in (cfg.task, cfg.policy, cfg.algorithm, cfg.reward):
+        if section is not None:
+            names += section.entry.cls.required_stages(section.config)
+    names += task.stages_for(cfg.algorithm.create().example_kind())
+    return list(dict.fromkeys(names))
+
+
+def build_for(cfg: Any, log: Log = print, progress: bool = False) -> dict[str, Path]:
+    """Build every stage a resolved run config needs (see `needed`) for its task; name -> output."""
     task = cfg.task.create()
-    stage = load_config(data={**sft_run_data(task), "output_dir": "unused"})
-    policy = {k: v for k, v in cfg.policy.to_dict().items() if k not in SAMPLING_FIELDS}
-    stage_policy = {k: v for k, v in stage.policy.to_dict().items() if k not in SAMPLING_FIELDS}
-    train, stage_train = cfg.train.model_dump(), stage.train.model_dump()
-    return policy == stage_policy and all(train[k] == stage_train[k] for k in WEIGHT_FIELDS)
+    return {name: build(name, task, log, progress) for name in needed(cfg, task)}
 
 
-def adopt_sft_run(cfg: Any, policy_dir: Path, report: dict[str, Any], log=print) -> Path:
-    """Cache a finished `rlhfzoo train configs/sft.yaml` run as the task's SFT stage (when none is
-    cached yet), so every `init: sft` run starts from it; returns the stage's policy directory."""
-    task = cfg.task.create()
-
-    def build(tmp: Path) -> None:
-        shutil.copytree(policy_dir, tmp / "run" / "policy")
-        (tmp / "run" / "policy" / "sft_report.json").write_text(json.dumps(report, indent=1))
-
-    return artifact("sft", sft_run_data(task), build, log=log) / "run" / "policy"
-
-
-def sft_samples(task: Any, prompts: Sequence[str], n_per_prompt: int, seed: int = 0, log=print) -> list[list[str]]:
-    """`n_per_prompt` responses of the task's SFT policy to each prompt (cached)."""
-    from rlhfzoo.evaluation import sample
-    from rlhfzoo.policy import HFPolicy, HFPolicyConfig
-
-    key = {"sft": sft_run_data(task), "prompts": list(prompts), "n": n_per_prompt, "seed": seed}
-
-    def build(tmp: Path) -> None:
-        policy = HFPolicy(HFPolicyConfig(init=str(sft_policy_path(task, log=log))), task=task)
-        repeated = [p for p in prompts for _ in range(n_per_prompt)]
-        responses = [r for ro in sample(policy, repeated, batch_size=256, seed=seed) for r in ro.responses]
-        grouped = [responses[i * n_per_prompt : (i + 1) * n_per_prompt] for i in range(len(prompts))]
-        (tmp / "samples.json").write_text(json.dumps(grouped))
-
-    return json.loads((artifact("sft-samples", key, build, log=log) / "samples.json").read_text())
+def adopt(cfg: Any, run_dir: Path, log: Log = print) -> list[tuple[str, Path]]:
+    """Cache the finished `rlhfzoo train` run in `run_dir` (config `cfg`) as every registered stage
+    that says it produced exactly that stage's output (`Stage.adopts`), unless the stage is cached
+    already; (name, output) of each such stage."""
+    adopted: list[tuple[str, Path]] = []
+    task = None
+    for entry in registry.entries("stage"):
+        stage = entry.cls()
+        if not stage.adopts(cfg, Path(run_dir)):
+            continue
+        task = task or cfg.task.create()
+        directory = artifact(_artifact_name(entry.name), stage.key(task), partial(stage.adopt, cfg, Path(run_dir)), log=log)
+        adopted.append((entry.name, directory / stage.output))
+    return adopted

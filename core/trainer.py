@@ -2,7 +2,11 @@
 
     offline:  dataset batches ------------------------------------------> objective.loss -> step
     online:   prompts -> policy.generate -> reward.score -> objective.make_experience
-                      -> objective.minibatches -> objective.loss -> step
+                      -> objective.minibatches -> objective.loss -> step    (repeated)
+                      -> objective.after_iteration
+
+Every optimizer step ends with `objective.after_step`; the order of all the Objective hooks is
+in `rlhfzoo.interfaces.Objective`.
 
 One `Trainer` runs both. It runs unchanged under `accelerate launch` / `torchrun`: the global
 batch of each step (`train.batch_size` examples) is cut into equal slices per process and then
@@ -36,11 +40,12 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from rlhfzoo import artifacts, checkpoint, run_dir
+from rlhfzoo import artifacts, checkpoint, run_dir, stages
 from rlhfzoo.checkpoint import latest_checkpoint  # noqa: F401  (part of this module's API)
 from rlhfzoo.config import RunConfig
+from rlhfzoo.counting_reward import CountingReward
 from rlhfzoo.data.collate import Collator
-from rlhfzoo.interfaces import Batch, Objective, Policy, RewardSource, Task
+from rlhfzoo.interfaces import Batch, Objective, Policy, Task
 from rlhfzoo.training_errors import NonFiniteError, TrainingError  # noqa: F401  (re-exported)
 
 
@@ -91,24 +96,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class CountingReward(RewardSource):
-    """Wraps a reward source and counts the responses it scored (reward-model calls, for budgets)."""
-
-    def __init__(self, inner: RewardSource):
-        self.inner, self.config, self.task, self.calls = inner, inner.config, inner.task, 0
-        self.name = inner.name
-
-    def score(self, prompts, responses):
-        self.calls += len(responses)
-        return self.inner.score(prompts, responses)
-
-    def metrics(self) -> dict[str, float]:
-        return {**self.inner.metrics(), "reward_calls": float(self.calls)}
-
-    def __getattr__(self, attr):  # anything else (e.g. a critique judge's `compare`) goes to the source
-        return getattr(self.inner, attr)
-
-
 # ------------------------------------------------------------------------------------ trainer
 
 
@@ -138,6 +125,7 @@ class Trainer:
 
         if self.train.num_threads:
             torch.set_num_threads(self.train.num_threads)
+        stages.build_for(cfg, log=log)  # the cached stages the run reads (SFT policy, reward model, ...): constructors only read them
         seed_everything(self.train.seed)
         self.task: Task = cfg.task.create()
         self.objective: Objective = cfg.algorithm.create()
@@ -145,15 +133,16 @@ class Trainer:
         if self.objective.needs_value_head and "value_head" in type(policy_cfg).model_fields:
             policy_cfg = policy_cfg.model_copy(update={"value_head": True})
         self.policy: Policy = cfg.policy.entry.cls(policy_cfg, task=self.task)
-        self.reward: RewardSource | None = CountingReward(cfg.reward.create(task=self.task)) if cfg.reward else None
+        self.reward: CountingReward | None = CountingReward(cfg.reward.create(task=self.task)) if cfg.reward else None
         self.reference: Policy | None = self.policy.frozen_copy() if self.objective.needs_reference else None
         if self.objective.online and self.reward is None:
             raise TrainingError(f"algorithm {cfg.algorithm.entry.name!r} is online and needs `reward: {{name: ...}}`")
         self.collator = Collator(self.policy.tokenizer, max_length=getattr(self.policy.config, "max_length", 128))
         self.data = self._load_data()
         self.objective.setup(self.policy, self.task)
-        if self.objective.prepare(self.data, self.collator, self.reference):
-            self.reference = None  # e.g. reference log-probs are cached: free the second model
+        self.objective.prepare(self.data, self.collator, self.reference)
+        if not self.objective.reference_needed_in_training():
+            self.reference = None  # e.g. its log-probs are cached: free the second model
         if self.reference is not None:
             self.reference.module.to(self.accelerator.device)
 
@@ -216,14 +205,20 @@ class Trainer:
         self.check_weights(f"after step {step + 1}")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sums.update(self.objective.after_step(sums))
         return sums
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Step `step` (0-based) of the run: one optimizer step offline, one iteration online; its
+        metrics on this process, the objective's `after_step` / `after_iteration` figures included."""
+        return self._online_step(step) if self.objective.online else self._offline_step(step)
 
     def _offline_step(self, step: int) -> dict[str, float]:
         return self._backward_and_step(self._micro_batches(self._rows_of_step(step)), step)
 
     def _online_step(self, step: int) -> dict[str, float]:
         # Objectives that compare several samples of a prompt (rejection sampling) ask for k of each.
-        k = int(getattr(self.objective, "samples_per_prompt", 1))
+        k = self.objective.samples_per_prompt()
         prompts = [str(self.data[i]) for i in self._rows_of_step(step) for _ in range(k)]
         self.policy.model.eval()
         rollout = self.policy.generate(prompts)
@@ -238,7 +233,7 @@ class Trainer:
         experience = self.objective.make_experience(rollout, rewards, self.policy, self.reference)
         metrics: dict[str, float] = {"reward": rewards.mean().item()}
         n = 0
-        for minibatch_group in self.objective.minibatches(experience):
+        for minibatch_group in self.objective.minibatches(experience, self.policy):
             group = minibatch_group if isinstance(minibatch_group, list) else [minibatch_group]
             for key, v in self._backward_and_step(group, step).items():
                 metrics[key] = metrics.get(key, 0.0) + v
@@ -246,6 +241,7 @@ class Trainer:
         for key in list(metrics):
             if key != "reward" and n:
                 metrics[key] /= n
+        metrics.update(self.objective.after_iteration(metrics))
         return metrics
 
     def check_weights(self, when: str) -> None:
@@ -357,14 +353,12 @@ class Trainer:
         self.prepare_output(resume, overwrite)
         acc, tr = self.accelerator, self.train
         log = run_dir.MetricsLog(self.out, acc.is_main_process)
-        step_fn = self._online_step if self.objective.online else self._offline_step
         stop_at = tr.steps if tr.stop_after is None else min(tr.steps, self.step + tr.stop_after)
         bar = tqdm(total=tr.steps, initial=self.step, disable=not (tr.progress and acc.is_main_process), desc=self.cfg.algorithm.entry.name)
         self.policy.model.train()
         start = time.time()
         while self.step < stop_at:
-            metrics = step_fn(self.step)
-            metrics.update(self.objective.after_iteration(metrics))
+            metrics = self.train_step(self.step)
             self.step += 1
             metrics = self._reduce(metrics)
             if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.steps:

@@ -2,6 +2,8 @@
 
 Not a plugin (it registers nothing). It holds what the three losses have in common:
 
+* `PreferenceConfig`: the options all three take (summed or averaged log-probs, where the
+  reference log-probs come from), the base of their `Config`s;
 * `ReferenceCache`: reference log-probs computed once per example before training (batched,
   under `torch.no_grad`, keyed by dataset row), so the trainer can free the reference model;
 * `reference_logprobs`: the per-step alternative, through the frozen reference model;
@@ -22,15 +24,31 @@ log-probs.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
+from pydantic import Field
 
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.evaluation import evaluate as sampling_evaluation
-from rlhfzoo.interfaces import Batch, LossOutput, Objective, Policy, SequenceBatch, Task
+from rlhfzoo.interfaces import Batch, LossOutput, Objective, PluginConfig, Policy, SequenceBatch, Task
+from rlhfzoo.ops import masked_mean
 
 logger = logging.getLogger(__name__)
+
+
+class PreferenceConfig(PluginConfig):
+    """Options shared by the preference objectives: how a response's log-probs are pooled and where
+    the reference's come from. DPO, IPO and KTO add their own coefficients (IPO also changes the
+    default of `average_logprobs`)."""
+
+    average_logprobs: bool = Field(False, description="Length-average the response log-probs instead of summing them (the paper sums).")
+    reference: Literal["cached", "model"] = Field(
+        "cached",
+        description="`cached`: reference log-probs computed once per example before training, then the reference model is freed; "
+        "`model`: keep the frozen reference model and run it every step.",
+    )
+    reference_batch_size: int = Field(64, ge=1, description="Examples per forward pass when caching reference log-probs.")
 
 # ------------------------------------------------------------------------------ small helpers
 
@@ -57,12 +75,6 @@ def identical(a: SequenceBatch, b: SequenceBatch) -> torch.Tensor:
     len_a, len_b = a.attention_mask.sum(-1), b.attention_mask.sum(-1)
     same = (a.input_ids[:, :width] == b.input_ids[:, :width]) | (a.attention_mask[:, :width] == 0)
     return same.all(-1) & (len_a == len_b) & (len_a <= width)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over `mask`; 0 (still attached to the graph) when the mask is empty."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def reference_logprobs(reference: Policy | None, seq: SequenceBatch, average: bool) -> torch.Tensor:
@@ -203,7 +215,7 @@ class ImplicitRewardEvaluation:
         except (ValueError, KeyError, NotImplementedError):  # the task has no preference pairs
             pairs = []
         if reference is not None and pairs:
-            average = getattr(self.config, "average_logprobs", False)
+            average = self.config.average_logprobs  # a PreferenceConfig
             max_length = getattr(policy.config, "max_length", 128)  # as the trainer's collator
             figures.update(implicit_reward_figures(policy, reference, pairs, average, max_length))
         return figures
@@ -215,8 +227,7 @@ class ImplicitRewardEvaluation:
 class PairedObjective(ImplicitRewardEvaluation, Objective):
     """Skeleton of a pairwise offline objective (DPO, IPO): reference handling, masking and metrics.
 
-    The subclass sets `Config` (with `average_logprobs`, `reference`, `reference_batch_size`),
-    `reward_scale` (the coefficient of the implicit reward `scale * log-ratio` in the metrics),
+    The subclass sets `Config` (a `PreferenceConfig`), `reward_scale` (the coefficient of the implicit reward `scale * log-ratio` in the metrics),
     and writes `loss` with `pair_logratios` and `pair_metrics`.
     """
 
@@ -231,7 +242,7 @@ class PairedObjective(ImplicitRewardEvaluation, Objective):
     def reward_scale(self) -> float:
         raise NotImplementedError
 
-    def prepare(self, data, collate, reference) -> bool:
+    def prepare(self, data, collate, reference) -> None:
         same = sum(e.chosen == e.rejected for e in data)
         if same:  # a warning: printed once per run even where no logging is set up (the command line)
             logger.warning(
@@ -239,12 +250,14 @@ class PairedObjective(ImplicitRewardEvaluation, Objective):
                 "preference and are masked out of the loss (counted as `skipped_pairs`)", self.name, same, len(data),
             )
         if self.config.reference != "cached":
-            return False
+            return
         if reference is None:
             raise RuntimeError(f"{self.name}: `reference: cached` needs the reference policy in `prepare`")
         views = {"chosen": lambda b: b.sequences, "rejected": lambda b: b.rejected}
         self.cache.build(views, data, collate, reference, self.config.average_logprobs, self.config.reference_batch_size)
-        return True
+
+    def reference_needed_in_training(self) -> bool:
+        return self.config.reference == "model"  # `cached`: `prepare` stored its log-probs
 
     def pair_logratios(self, batch: Batch, policy: Policy, reference: Policy | None):
         """(chosen log-ratios [B], rejected log-ratios [B], valid [B] bool).

@@ -46,7 +46,7 @@ class A2C(ActorCriticObjective):
     # One step per batch: larger batches (less gradient noise) and a higher learning rate than PPO.
     train_defaults = {"steps": 30, "batch_size": 64, "lr": 1e-3}
 
-    def minibatches(self, experience):
+    def minibatches(self, experience, policy):
         yield self.groups(experience, torch.arange(len(experience)))  # one optimizer step per batch
 
     def loss(self, batch, policy, reference=None) -> LossOutput:

@@ -28,7 +28,8 @@ from pydantic import Field, model_validator
 
 from rlhfzoo import kernels
 from rlhfzoo.interfaces import Batch, Objective, PluginConfig, Policy, Rollout, SequenceBatch
-from rlhfzoo.ops import FixedKLController, RunningMoments, apply_mask, gae, last_index, masked_mean, masked_whiten
+from rlhfzoo.ops import FixedKLController, RunningMoments, apply_mask, gae, last_index, masked_mean, masked_whiten, response_nll
+from rlhfzoo.training_errors import TrainingError
 
 
 class ExperienceConfig(PluginConfig):
@@ -98,7 +99,6 @@ class Experience:
     scores: torch.Tensor  # [B] the scores after penalty, normalisation and clipping
     metrics: dict[str, float] = field(default_factory=dict)
     ptx: Callable[[], SequenceBatch] | None = None
-    policy: Policy | None = None
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -177,7 +177,7 @@ def build_experience(
     }
     return Experience(
         ids, attn, rollout.response_mask.to(device), mask, old_logprobs, ref_logprobs, values, rewards,
-        advantages, returns, score, metrics, policy=policy,
+        advantages, returns, score, metrics,
     )
 
 
@@ -211,14 +211,11 @@ class ActorCriticObjective(Objective):
     def setup(self, policy, task) -> None:
         self._task = task  # the pretraining mix reads its demonstrations
 
-    def prepare(self, data, collate, reference) -> bool:
-        self._collate = collate
-        return False
+    def prepare(self, data, collate, reference) -> None:
+        self._collate = collate  # the pretraining mix collates the task's demonstrations with it
 
     # -------------------------------------------------------------------- experience
     def make_experience(self, rollout, rewards, policy, reference) -> Experience:
-        from rlhfzoo.trainer import TrainingError
-
         self.iteration += 1
         exp = build_experience(rollout, rewards, policy, reference, self.config, self.kl_ctl.value, self.reward_moments)
         kl = exp.metrics["kl"]
@@ -231,14 +228,12 @@ class ActorCriticObjective(Objective):
         for key in self.totals:
             self.totals[key] += exp.metrics[key]
         if self.config.ptx_coef > 0:
-            exp.ptx = self._ptx_sampler(policy)
+            exp.ptx = self._ptx_sampler()
         self.last_metrics = dict(exp.metrics)
         return exp
 
-    def _ptx_sampler(self, policy) -> Callable[[], SequenceBatch]:
-        from rlhfzoo.trainer import TrainingError
-
-        task = self._task if self._task is not None else getattr(policy, "task", None)
+    def _ptx_sampler(self) -> Callable[[], SequenceBatch]:
+        task = self._task
         demos = task.examples("demonstrations", split="train") if task is not None else []
         if not demos or self._collate is None:
             raise TrainingError("ptx_coef > 0 needs the task's demonstrations (`setup(policy, task)` and `prepare` called)")
@@ -251,6 +246,7 @@ class ActorCriticObjective(Objective):
         return sample
 
     def after_iteration(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The experience's figures of this iteration, then the KL controller's update for the next."""
         out = {k: v for k, v in self.last_metrics.items() if k not in ("truncated", "empty_responses", "samples")}
         out["truncated_rate"] = self.last_metrics.get("truncated", 0.0) / max(self.last_metrics.get("samples", 1.0), 1.0)
         out["truncated_total"] = self.totals["truncated"]
@@ -307,8 +303,7 @@ class ActorCriticObjective(Objective):
             metrics["kl_loss"] = kl.item()
         if "ptx" in batch.extra and cfg.ptx_coef > 0:
             ptx = batch.extra["ptx"]
-            lp = policy.logprobs(ptx.input_ids, ptx.attention_mask)
-            nll = -masked_mean(lp, ptx.response_mask[:, 1:])
+            nll = response_nll(policy.logprobs(ptx.input_ids, ptx.attention_mask), ptx.response_mask)
             total = total + cfg.ptx_coef * nll
             metrics["ptx_nll"] = nll.item()
         return total, metrics

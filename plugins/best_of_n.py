@@ -13,8 +13,10 @@ log-probs of the best-of-N distribution); `logprobs`, `save` and `load_weights` 
 
     policy: {name: best-of-n, n: 16, base: {name: hf, init: sft}, reward: {name: gold}}
 
-Evaluate it like any policy (`rlhfzoo.evaluation.evaluate(policy, task, ...)`), or from a YAML
-file with `task` and `policy` sections (see configs/best_of_n.yaml):
+It reads the stages its base policy and reward source read (`required_stages`), e.g. the task's
+SFT policy and reward model; they are built before it is constructed. Evaluate it like any policy
+(`rlhfzoo.evaluation.evaluate(policy, task, ...)`), or from a YAML file with `task` and `policy`
+sections (see configs/best_of_n.yaml), which builds those stages first:
 
     python -m rlhfzoo.plugins.best_of_n configs/best_of_n.yaml [n_prompts] [seed]
 """
@@ -28,10 +30,13 @@ import sys
 from typing import Any, Sequence
 
 import torch
+import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from rlhfzoo import hookimpl
+from rlhfzoo import hookimpl, stages
+from rlhfzoo.evaluation import evaluate
 from rlhfzoo.interfaces import PluginConfig, Policy, RewardSource, Rollout
+from rlhfzoo.registry import registry
 
 
 def _section(value: Any, what: str) -> dict[str, Any]:
@@ -65,19 +70,28 @@ class BestOfNConfig(PluginConfig):
         return _section(v, "best-of-n `reward`")
 
 
-def build_plugin(kind: str, section: dict[str, Any], where: str, **kwargs: Any) -> Any:
-    """Instantiate a registered plugin from `{name: ..., options}`, with a validated config."""
-    from rlhfzoo.registry import registry
-
+def section_config(kind: str, section: dict[str, Any], where: str) -> tuple[type, PluginConfig]:
+    """The registered class and validated config of a `{name: ..., options}` section."""
     options = dict(section)
     name = options.pop("name")
     entry = registry.get(kind, name)
     try:
-        config = entry.cls.Config(**options)
+        return entry.cls, entry.cls.Config(**options)
     except ValidationError as e:
         problems = "; ".join(f"{where}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ValueError(f"invalid {kind.replace('_', ' ')} config for {name!r}: {problems}") from None
-    return entry.cls(config, **kwargs)
+
+
+def build_plugin(kind: str, section: dict[str, Any], where: str, **kwargs: Any) -> Any:
+    """Instantiate a registered plugin from `{name: ..., options}`, with a validated config."""
+    cls, config = section_config(kind, section, where)
+    return cls(config, **kwargs)
+
+
+def section_stages(kind: str, section: dict[str, Any], where: str) -> list[str]:
+    """The stages the plugin of a `{name: ..., options}` section reads."""
+    cls, config = section_config(kind, section, where)
+    return cls.required_stages(config)
 
 
 def concat_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
@@ -119,6 +133,11 @@ class BestOfN(Policy):
     paper = "Nakano et al. 2021, arXiv:2112.09332; Gao et al. 2022, arXiv:2210.10760"
     Config = BestOfNConfig
     benchmark = True  # a row of `rlhfzoo bench`, evaluated without training
+
+    @classmethod
+    def required_stages(cls, config: BestOfNConfig) -> list[str]:
+        """What the base policy and the reward source read."""
+        return section_stages("policy", config.base, "policy.base") + section_stages("reward_source", config.reward, "policy.reward")
 
     def __init__(self, config: BestOfNConfig | None = None, task: Any = None, base: Policy | None = None, reward: RewardSource | None = None):
         self.config = config or BestOfNConfig()
@@ -198,17 +217,20 @@ class BestOfN(Policy):
 
 def evaluate_config(data: dict[str, Any] | str, n_prompts: int | None = None, seed: int | None = None) -> dict[str, float]:
     """Build `task` and `policy` (and optionally `reward`: the proxy reported beside gold) from a
-    mapping or YAML file and run `rlhfzoo.evaluation.evaluate` on the task's held-out prompts."""
-    import yaml
-
-    from rlhfzoo.evaluation import evaluate
-
+    mapping or YAML file, the stages they read first, and run `rlhfzoo.evaluation.evaluate` on the
+    task's held-out prompts."""
     if isinstance(data, (str, os.PathLike)):
         with open(data) as f:
             data = yaml.safe_load(f)
     task = build_plugin("task", _section(data.get("task"), "task"), "task")
-    policy = build_plugin("policy", _section(data.get("policy"), "policy"), "policy", task=task)
-    reward = build_plugin("reward_source", _section(data["reward"], "reward"), "reward", task=task) if data.get("reward") else None
+    policy_section = _section(data.get("policy"), "policy")
+    reward_section = _section(data["reward"], "reward") if data.get("reward") else None
+    needed = section_stages("policy", policy_section, "policy")
+    needed += section_stages("reward_source", reward_section, "reward") if reward_section else []
+    for name in dict.fromkeys(needed):
+        stages.build(name, task)
+    policy = build_plugin("policy", policy_section, "policy", task=task)
+    reward = build_plugin("reward_source", reward_section, "reward", task=task) if reward_section else None
     ev = data.get("evaluate", {}) or {}
     n_prompts = n_prompts if n_prompts is not None else int(ev.get("n_prompts", 200))
     seed = seed if seed is not None else int(ev.get("seed", 0))

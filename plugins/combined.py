@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import PluginConfig, RewardSource
+from rlhfzoo.registry import RegistryError, registry
 
 
 class Gate(PluginConfig):
@@ -49,8 +50,6 @@ class CombinedConfig(PluginConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        from rlhfzoo.registry import RegistryError, registry
-
         problems = []
         for i, spec in enumerate(self.sources):
             name, weight, opts = split_source(spec)
@@ -89,10 +88,18 @@ class CombinedReward(RewardSource):
     paper = "Touvron et al. 2023, Llama 2, arXiv:2307.09288 Sec. 3.2.2"
     Config = CombinedConfig
 
+    @classmethod
+    def required_stages(cls, config: CombinedConfig) -> list[str]:
+        """What every source reads."""
+        names = []
+        for spec in config.sources:
+            name, _, opts = split_source(spec)
+            source = registry.get("reward_source", name).cls
+            names += source.required_stages(source.Config(**opts))
+        return list(dict.fromkeys(names))
+
     def __init__(self, config=None, task=None):
         super().__init__(config, task)
-        from rlhfzoo.registry import registry
-
         self.names: list[str] = []
         self.weights: list[float] = []
         self.sources: list[RewardSource] = []

@@ -17,8 +17,9 @@ a pair whose two orders disagree counts as a tie, and how often that happens is 
 
 Backends:
 * `policy`: any registered policy generates the critique, e.g. a local `transformers` model
-  (`judge: {name: hf, init: <dir>}`); `init: auto` is the task's cached judge, trained by the
-  `sft` objective on the task's critique data (`configs/critique_judge.yaml` does the same by hand).
+  (`judge: {name: hf, init: <dir>}`); `init: auto` is the task's `judge` stage, trained by the
+  `sft` objective on the task's critique data (`configs/critique_judge.yaml` does the same by hand)
+  and built, like every stage, before the reward source is constructed.
 * `http`: an OpenAI-compatible chat-completions endpoint (`url`), the key read from the
   environment variable named by `api_key_env` (never logged, never sent anywhere but `url`:
   redirects are refused), with a timeout per request, retries with exponential back-off, and at
@@ -36,9 +37,12 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import Field, model_validator
 
-from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import PluginConfig, RewardSource
+from rlhfzoo import hookimpl, stages
+from rlhfzoo.config import load_config
+from rlhfzoo.interfaces import PluginConfig, RewardSource, Stage
 from rlhfzoo.plugins._judge_backends import HTTPJudge, JudgeBackend, JudgeError, PolicyJudge
+from rlhfzoo.registry import RegistryError, registry
+from rlhfzoo.trainer import Trainer
 
 SINGLE_SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to the "
@@ -102,6 +106,7 @@ JUDGE_RECIPE: dict[str, Any] = {"steps": 2000, "batch_size": 32, "lr": 1e-3, "wa
 
 
 def judge_run_data(task: Any) -> dict[str, Any]:
+    """The run config (as a mapping) of the task's judge stage."""
     recipe = getattr(task, "judge_recipe", None)
     return {
         "task": {"name": task.name, **task.config.model_dump(mode="json")},
@@ -111,21 +116,22 @@ def judge_run_data(task: Any) -> dict[str, Any]:
     }
 
 
-def judge_path(task: Any, log=print) -> Path:
-    """Directory of the task's judge (`sft` on the task's `critiques`), trained on first use."""
-    from rlhfzoo import stages
-    from rlhfzoo.artifacts import artifact
-    from rlhfzoo.config import load_config
-    from rlhfzoo.trainer import Trainer
+class JudgeStage(Stage):
+    name = "judge"
+    summary = "The task's critique judge (`critique` with `judge.init: auto`): sft on its critiques, from its SFT policy."
+    paper = "Zheng et al. 2023, arXiv:2306.05685"
+    requires = ("sft",)
+    output = "run/policy"
 
-    data = judge_run_data(task)
+    def key(self, task) -> dict[str, Any]:
+        return {**judge_run_data(task), "sft": stages.get("sft").key(task)}
 
-    def build(tmp: Path) -> None:
+    def build(self, directory: Path, task, log, progress: bool = False) -> None:
         if log:
             log(f"[rlhfzoo] training the critique judge for task {task.name!r} (cached for later runs)")
-        Trainer(load_config(data={**data, "output_dir": str(tmp / "run")}), log=log).fit()
-
-    return artifact("judge", {**data, "sft": stages.sft_run_data(task)}, build, log=log) / "run" / "policy"
+        data = judge_run_data(task)
+        data = {**data, "train": {**data["train"], "progress": progress}, "output_dir": str(directory / "run")}
+        Trainer(load_config(data=data), log=log).fit()
 
 
 def task_judge_prompt(task: Any) -> Callable[[str, str], str] | None:
@@ -146,7 +152,8 @@ class CritiqueConfig(PluginConfig):
     judge: dict[str, Any] = Field(
         default_factory=lambda: {"name": "hf", "init": "auto", "top_k": 1, "max_new_tokens": 16},
         description="policy backend: the judge's policy section (`name` + that policy's options). `init: auto`: the "
-        "task's cached judge (sft on the task's critiques). `top_k: 1` decodes greedily.",
+        "task's `judge` stage (sft on the task's critiques; `rlhfzoo stage judge` builds it, and so do `rlhfzoo train` "
+        "and `rlhfzoo bench` before they start). `top_k: 1` decodes greedily.",
     )
     batch_size: int = Field(64, ge=1, description="policy backend: prompts per generate call.")
     template: str = Field(
@@ -183,8 +190,6 @@ class CritiqueConfig(PluginConfig):
             _check_template(self.template, ("prompt", "response"))
         _check_template(self.pairwise_template, ("prompt", "response_a", "response_b"))
         if self.backend == "policy":
-            from rlhfzoo.registry import RegistryError, registry
-
             opts = dict(self.judge)
             name = opts.pop("name", None)
             if not isinstance(name, str):
@@ -214,6 +219,17 @@ class CritiqueReward(RewardSource):
     paper = "Zheng et al. 2023, Judging LLM-as-a-judge with MT-Bench, arXiv:2306.05685"
     Config = CritiqueConfig
 
+    @classmethod
+    def required_stages(cls, config: CritiqueConfig) -> list[str]:
+        """The task's `judge` stage for `judge.init: auto`, else whatever the judge policy reads."""
+        if config.backend != "policy":
+            return []
+        opts = dict(config.judge)
+        if opts.get("init") == "auto":
+            return ["judge"]
+        policy = registry.get("policy", opts.pop("name")).cls
+        return policy.required_stages(policy.Config(**opts))
+
     def __init__(self, config=None, task=None, backend: JudgeBackend | None = None):
         super().__init__(config, task)
         c = self.config
@@ -234,14 +250,12 @@ class CritiqueReward(RewardSource):
         if c.backend == "http":
             return HTTPJudge(c.url, c.model, c.api_key_env, c.timeout, c.retries, c.retry_backoff, c.concurrency,
                              c.max_tokens, c.temperature)
-        from rlhfzoo.registry import registry
-
         opts = dict(c.judge)
         entry = registry.get("policy", opts.pop("name"))
         if opts.get("init") == "auto":
             if self.task is None:
                 raise ValueError("critique: `judge.init: auto` needs a task (its cached judge)")
-            opts["init"] = str(judge_path(self.task))
+            opts["init"] = str(stages.path("judge", self.task))
         return PolicyJudge(entry.cls(entry.cls.Config(**opts), task=self.task), c.batch_size)
 
     def critiques(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str | None]:
@@ -337,3 +351,8 @@ class CritiqueReward(RewardSource):
 @hookimpl
 def register_reward_sources(register):
     register(CritiqueReward)
+
+
+@hookimpl
+def register_stages(register):
+    register(JudgeStage)

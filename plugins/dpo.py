@@ -26,15 +26,13 @@ policy, zero gradient); they are counted and masked out of the loss rather than 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import LossOutput, PluginConfig
-from rlhfzoo.plugins._preference import PairedObjective
+from rlhfzoo.interfaces import LossOutput
+from rlhfzoo.plugins._preference import PairedObjective, PreferenceConfig
 
 
 def dpo_loss(
@@ -56,20 +54,11 @@ class DPO(PairedObjective):
     train_defaults = {"steps": 80, "batch_size": 32, "lr": 3e-4, "warmup_steps": 10}
     algorithm_defaults = {"beta": 0.3}
 
-    class Config(PluginConfig):
+    class Config(PreferenceConfig):
         beta: float = Field(0.1, gt=0, description="Inverse temperature beta: strength of the implicit KL penalty to the reference (higher: stay closer).")
         label_smoothing: float = Field(
             0.0, ge=0, le=0.5, description="Conservative-DPO label-flip probability eps: loss = -(1-eps) log sigma(beta h) - eps log sigma(-beta h); 0: plain DPO."
         )
-        average_logprobs: bool = Field(
-            False, description="Length-average the response log-probs instead of summing them (the paper sums)."
-        )
-        reference: Literal["cached", "model"] = Field(
-            "cached",
-            description="`cached`: reference log-probs computed once per example before training, then the reference model is freed; "
-            "`model`: keep the frozen reference model and run it every step.",
-        )
-        reference_batch_size: int = Field(64, ge=1, description="Examples per forward pass when caching reference log-probs.")
 
     @property
     def reward_scale(self) -> float:

@@ -26,8 +26,8 @@ perturbed policy) samples from
     log pi(a|s) + beta * (min_j Q'_j(s, a) - V(s))
 
 with the `ilql` policy plugin below; beta = 0 is the base LM. The targets are updated after each
-optimizer step, theta' <- (1 - alpha) theta' + alpha theta (`after_iteration`, which the trainer
-calls once per offline step, after the optimizer step).
+optimizer step, theta' <- (1 - alpha) theta' + alpha theta (`after_step`, which the trainer
+calls after every optimizer step).
 
 Decoding runs the LM and the value trunk side by side, each with its own KV cache.
 
@@ -354,9 +354,8 @@ class ILQL(Objective):
     def setup(self, policy: Any, task: Any) -> None:
         self.attach(policy)  # before the optimizer is built, so the heads are trained
 
-    def prepare(self, data, collate, reference) -> bool:
+    def prepare(self, data, collate, reference) -> None:
         check_rewarded(data)
-        return True  # ILQL needs no reference model: the trainer may free it
 
     # ---------------------------------------------------------------------------- loss
     def loss(self, batch, policy, reference=None) -> LossOutput:
@@ -408,8 +407,8 @@ class ILQL(Objective):
         }
         return LossOutput(loss, metrics)
 
-    def after_iteration(self, metrics: dict[str, float]) -> dict[str, float]:
-        # Called by the trainer once per offline step, after optimizer.step(): Polyak-average the targets.
+    def after_step(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Polyak-average the target Q heads towards the online ones, after every optimizer step."""
         if self._heads is not None:
             self._heads.update_targets(self.config.target_update_rate)
             self.target_updates += 1

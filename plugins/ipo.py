@@ -23,14 +23,12 @@ counted and masked out of the loss.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import LossOutput, PluginConfig
-from rlhfzoo.plugins._preference import PairedObjective
+from rlhfzoo.interfaces import LossOutput
+from rlhfzoo.plugins._preference import PairedObjective, PreferenceConfig
 
 
 def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, tau: float) -> torch.Tensor:
@@ -51,18 +49,12 @@ class IPO(PairedObjective):
     # +0.082 / +0.091.
     train_defaults = {"steps": 80, "batch_size": 32, "lr": 2e-4, "warmup_steps": 10, "lr_schedule": "constant"}
 
-    class Config(PluginConfig):
+    class Config(PreferenceConfig):
         tau: float = Field(0.1, gt=0, description="Regularisation strength tau: the log-ratio gap is regressed onto 1/(2 tau) (higher: stay closer to the reference).")
         average_logprobs: bool = Field(
             True,
             description="Per-token averaged log-probs in h (default, as in the IPO authors' results); false: summed, the literal Eq. (17).",
         )
-        reference: Literal["cached", "model"] = Field(
-            "cached",
-            description="`cached`: reference log-probs computed once per example before training, then the reference model is freed; "
-            "`model`: keep the frozen reference model and run it every step.",
-        )
-        reference_batch_size: int = Field(64, ge=1, description="Examples per forward pass when caching reference log-probs.")
 
     @property
     def reward_scale(self) -> float:

@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Literal
 
 import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, UnpairedExample
-from rlhfzoo.plugins._preference import ImplicitRewardEvaluation, ReferenceCache, masked_mean, reference_logprobs, response_tokens
+from rlhfzoo.interfaces import LossOutput, Objective, UnpairedExample
+from rlhfzoo.ops import masked_mean
+from rlhfzoo.plugins._preference import ImplicitRewardEvaluation, PreferenceConfig, ReferenceCache, reference_logprobs, response_tokens
 
 RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)  # w_d n_d / (w_u n_u), Sec. 4.2 of arXiv:2402.01306
 
@@ -81,22 +81,15 @@ class KTO(ImplicitRewardEvaluation, Objective):
     train_defaults = {"steps": 160, "batch_size": 32, "lr": 3e-4, "warmup_steps": 10, "lr_schedule": "cosine"}
     algorithm_defaults = {"beta": 0.3}
 
-    class Config(PluginConfig):
+    class Config(PreferenceConfig):
         beta: float = Field(0.1, gt=0, description="Inverse temperature beta of the value function (higher: stay closer to the reference).")
         desirable_weight: float = Field(1.0, gt=0, description="Weight w_d of desirable examples' losses (lambda_D in the paper).")
         undesirable_weight: float = Field(1.0, gt=0, description="Weight w_u of undesirable examples' losses (lambda_U in the paper).")
-        average_logprobs: bool = Field(
-            False, description="Length-average the response log-probs instead of summing them (the paper sums)."
+        seed: int = Field(
+            0,
+            description="Seed of the fixed mismatched partners of `reference: cached` (whose reference log-probs are cached too; "
+            "`model` uses the in-batch pairs): a shuffle cut into chunks of `reference_batch_size` rows, partners within a chunk.",
         )
-        reference: Literal["cached", "model"] = Field(
-            "cached",
-            description="`cached`: reference log-probs (own and fixed mismatched sequences) computed once per example before "
-            "training, then the reference model is freed; `model`: keep the frozen reference, use the in-batch mismatched pairs.",
-        )
-        reference_batch_size: int = Field(
-            64, ge=1, description="Examples per forward pass when caching reference log-probs (also the chunks the fixed mismatched partners are drawn within)."
-        )
-        seed: int = Field(0, description="Seed of the fixed mismatched partners of `reference: cached`.")
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -105,7 +98,7 @@ class KTO(ImplicitRewardEvaluation, Objective):
         self._data, self._collate = None, None
 
     # ------------------------------------------------------------------------------ set-up
-    def prepare(self, data, collate, reference) -> bool:
+    def prepare(self, data, collate, reference) -> None:
         c = self.config
         n_d = sum(bool(e.desirable) for e in data)
         n_u = len(data) - n_d
@@ -124,7 +117,7 @@ class KTO(ImplicitRewardEvaluation, Objective):
                 stacklevel=2,
             )
         if c.reference != "cached":
-            return False
+            return
         if reference is None:
             raise RuntimeError("kto: `reference: cached` needs the reference policy in `prepare`")
         # Fixed partners: a seeded shuffle cut into chunks; within a chunk row k is paired with row k+1
@@ -142,7 +135,9 @@ class KTO(ImplicitRewardEvaluation, Objective):
         self._partner, self._data, self._collate = partner, data, collate
         views = {"own": lambda b: b.sequences, "kl": lambda b: b.kl_sequences}
         self.cache.build(views, data, collate, reference, c.average_logprobs, size, chunks=chunks)
-        return True
+
+    def reference_needed_in_training(self) -> bool:
+        return self.config.reference == "model"  # `cached`: `prepare` stored its log-probs
 
     def _mismatched(self, i: int) -> UnpairedExample:
         own, other = self._data[i], self._data[self._partner[i]]

@@ -11,8 +11,10 @@ shuffled minibatches, one optimizer step each, minimising
     L       = L_CLIP + c_1 L_VF - c_2 H[pi](s_t)  (+ ptx_coef NLL_demos)          # Eq. (9), sign flipped
 
 Early stop: the epochs end once a minibatch's approximate KL(pi_old || pi), E[(rho - 1) - log rho],
-exceeds 1.5 x `target_kl`. The KL coefficient beta of the reward follows the adaptive controller
-of Ziegler et al. (`rlhfzoo.ops.AdaptiveKLController`) unless `adaptive_kl: false`.
+exceeds 1.5 x `target_kl` (measured by `loss`, averaged over the minibatch's micro-batches by the
+trainer, and read by `after_step` after that minibatch's update). The KL coefficient beta of the
+reward follows the adaptive controller of Ziegler et al. (`rlhfzoo.ops.AdaptiveKLController`)
+unless `adaptive_kl: false`.
 """
 
 from __future__ import annotations
@@ -59,26 +61,33 @@ class PPOClip(ActorCriticObjective):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self._kl_sum, self._kl_n = 0.0, 0
-        self._epochs_run, self._early_stopped = 0.0, 0.0
+        self.epochs_run, self.early_stopped = 0.0, 0.0  # of the current iteration, logged by after_iteration
+        self.kl_exceeded = False  # set by after_step: the step's approximate KL passed 1.5 x target_kl
 
     def make_kl_controller(self):
         c = self.config
         return AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl else FixedKLController(c.kl_coef)
 
-    def minibatches(self, experience):
+    def minibatches(self, experience, policy):
         c = self.config
-        self._epochs_run, self._early_stopped = 0.0, 0.0
+        self.epochs_run, self.early_stopped = 0.0, 0.0
         B = len(experience)
         for _ in range(c.epochs):
             order = torch.randperm(B)
             for start in range(0, B, c.minibatch_size):
-                self._kl_sum, self._kl_n = 0.0, 0
+                self.kl_exceeded = False
                 yield self.groups(experience, order[start : start + c.minibatch_size])
-                if c.target_kl is not None and self._kl_n and self._kl_sum / self._kl_n > 1.5 * c.target_kl:
-                    self._early_stopped = 1.0
+                if self.kl_exceeded:  # recorded by `after_step` of the step just taken
+                    self.early_stopped = 1.0
                     return
-            self._epochs_run += 1
+            self.epochs_run += 1
+
+    def after_step(self, metrics):
+        """Early stop: note whether this step's approximate KL(pi_old || pi) -- the mean over its
+        micro-batches -- exceeded 1.5 x `target_kl`; `minibatches` then ends the epochs."""
+        c = self.config
+        self.kl_exceeded = c.target_kl is not None and metrics["approx_kl"] > 1.5 * c.target_kl
+        return {}
 
     def loss(self, batch, policy, reference=None) -> LossOutput:
         c, x = self.config, batch.extra
@@ -96,15 +105,13 @@ class PPOClip(ActorCriticObjective):
             ratio = torch.exp(log_ratio)
             approx_kl = masked_mean((ratio - 1) - log_ratio, mask).item()  # k3 estimate of KL(pi_old || pi)
             clipfrac = masked_mean(((ratio - 1).abs() > c.clip_eps).float(), mask).item()
-        self._kl_sum += approx_kl
-        self._kl_n += 1
         metrics = {"pg_loss": pg.item(), "approx_kl": approx_kl, "clipfrac": clipfrac, **vmetrics, **emetrics}
         return LossOutput(loss, metrics)
 
     def after_iteration(self, metrics):
         out = super().after_iteration(metrics)
-        out["ppo_epochs"] = float(self._epochs_run)
-        out["early_stopped"] = float(self._early_stopped)
+        out["ppo_epochs"] = float(self.epochs_run)
+        out["early_stopped"] = float(self.early_stopped)
         return out
 
 

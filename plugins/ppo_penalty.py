@@ -65,13 +65,12 @@ class PPOPenalty(ActorCriticObjective):
         self.beta = float(self.config.penalty_init)
         self.measured_kl = float("nan")
 
-    def minibatches(self, experience):
+    def minibatches(self, experience, policy):
         c = self.config
         self.measured_kl = float("nan")
         yield from self.shuffled_minibatches(experience, c.epochs, c.minibatch_size)
         # d = E_t[KL[pi_old, pi]] with the updated policy, over the whole batch.
         with torch.no_grad():
-            policy = experience.policy
             logprobs = policy.logprobs(experience.sequences, experience.attention_mask).float()
             kl = kernels.token_kl(experience.old_logprobs, logprobs, c.penalty_estimator)
             self.measured_kl = masked_mean(kl, experience.mask).item()
@@ -92,6 +91,7 @@ class PPOPenalty(ActorCriticObjective):
         return LossOutput(loss, metrics)
 
     def after_iteration(self, metrics):
+        """Adapt beta for the next iteration from the KL `minibatches` measured after the epochs."""
         out = super().after_iteration(metrics)
         c = self.config
         out["post_kl"] = self.measured_kl

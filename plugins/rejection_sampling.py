@@ -3,11 +3,12 @@
 Each iteration: sample N responses per prompt from the current policy, score them with the reward
 source, keep each prompt's best (optionally only when it clears a percentile of this iteration's
 scores, or an absolute `min_score`), and fine-tune on the kept responses with the SFT loss
+(`rlhfzoo.ops.response_nll`)
 
     L = -(1 / |y*|) sum_t log pi(y*_t | x, y*_<t),     y* = argmax_{y_1..y_N ~ pi(.|x)} r(x, y_i)
 
 then iterate with the improved policy. The trainer draws the N samples (it repeats every prompt
-`samples_per_prompt` = N times; the rollout holds each prompt's samples consecutively), so every
+`samples_per_prompt()` = N times; the rollout holds each prompt's samples consecutively), so every
 sample is scored once by the reward source; the objective counts them (`reward_calls`).
 Responses cut at the length limit without EOS can be penalised before choosing (`truncation_penalty`).
 """
@@ -21,6 +22,7 @@ from pydantic import Field
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import Batch, LossOutput, Objective, PluginConfig, SequenceBatch
+from rlhfzoo.ops import response_nll
 
 
 class RejectionSamplingConfig(PluginConfig):
@@ -54,7 +56,6 @@ class RejectionSampling(Objective):
         self.kept_total = 0
         self.last_metrics: dict[str, float] = {}
 
-    @property
     def samples_per_prompt(self) -> int:
         return self.config.n_samples
 
@@ -92,7 +93,7 @@ class RejectionSampling(Objective):
         }
         return SequenceBatch(rollout.sequences[kept], rollout.attention_mask[kept], rollout.response_mask[kept])
 
-    def minibatches(self, kept: SequenceBatch):
+    def minibatches(self, kept: SequenceBatch, policy):
         c = self.config
         for _ in range(c.epochs):
             order = torch.randperm(len(kept))
@@ -103,12 +104,11 @@ class RejectionSampling(Objective):
 
     def loss(self, batch, policy, reference=None) -> LossOutput:
         seq = batch.sequences
-        logprobs = policy.logprobs(seq.input_ids, seq.attention_mask)
-        mask = seq.response_mask[:, 1:].to(logprobs.dtype)
-        nll = -(logprobs * mask).sum() / mask.sum().clamp(min=1)  # SFT on the kept responses
-        return LossOutput(nll, {"nll": nll.item(), "response_tokens": mask.sum().item() / len(seq)})
+        nll = response_nll(policy.logprobs(seq.input_ids, seq.attention_mask), seq.response_mask)  # SFT on the kept responses
+        return LossOutput(nll, {"nll": nll.item(), "response_tokens": seq.response_mask[:, 1:].sum().item() / len(seq)})
 
     def after_iteration(self, metrics):
+        """This iteration's selection figures (kept, scores) and the run's totals."""
         return {**self.last_metrics, "reward_calls": float(self.reward_calls), "kept_total": float(self.kept_total)}
 
     def state_dict(self):

@@ -4,12 +4,29 @@
 
 The first stage of the RLHF pipeline (InstructGPT, arXiv:2203.02155, Sec. 3.5) and the
 objective a critique judge is trained with.
+
+The `sft` stage is a task's SFT policy, trained once per cache and read by every `hf` policy with
+`init: sft`: this objective on the task's demonstrations, from a model trained from scratch with
+the task's `sft_recipe()`. A `rlhfzoo train` run of the same recipe (`configs/sft.yaml`) is
+adopted as the stage instead of training it a second time.
 """
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig
+from rlhfzoo.config import load_config
+from rlhfzoo.evaluation import evaluate
+from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, Stage
+from rlhfzoo.trainer import Trainer
+
+REPORT_FILE = "sft_report.json"  # held-out figures of the stage's policy, beside its weights
 
 
 class SFTConfig(PluginConfig):
@@ -39,6 +56,79 @@ class SFT(Objective):
         return LossOutput(nll, {"nll": nll.item(), "response_tokens": n_tokens.item() / len(seq)})
 
 
+# ------------------------------------------------------------------------------ the cached stage
+
+
+def sft_run_data(task: Any) -> dict[str, Any]:
+    """The run config (as a mapping) of the task's SFT stage; also the stage's cache key."""
+    return {
+        "task": {"name": task.name, **task.sft_task_options()},
+        "policy": {"name": "hf", "init": "scratch", **task.default_model_config()},
+        "algorithm": {"name": "sft"},
+        "train": {**task.sft_recipe(), "progress": False, "eval_prompts": 0},
+    }
+
+
+# Train settings that change the SFT weights (the rest only change logging, checkpoints, the final evaluation).
+WEIGHT_FIELDS = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_schedule",
+                 "max_grad_norm", "mixed_precision", "seed", "eval_every")  # eval_every: sampling mid-run draws random numbers
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p")
+
+
+def is_sft_stage(cfg: Any) -> bool:
+    """Whether a resolved run config trains exactly its task's SFT stage (the stage's model,
+    objective and weight-relevant train settings), so its result can serve as the stage."""
+    if cfg.algorithm.entry.name != "sft" or cfg.policy.entry.name != "hf":
+        return False
+    stage = load_config(data={**sft_run_data(cfg.task.create()), "output_dir": "unused"})
+    policy = {k: v for k, v in cfg.policy.to_dict().items() if k not in SAMPLING_FIELDS}
+    stage_policy = {k: v for k, v in stage.policy.to_dict().items() if k not in SAMPLING_FIELDS}
+    train, stage_train = cfg.train.model_dump(), stage.train.model_dump()
+    return policy == stage_policy and all(train[k] == stage_train[k] for k in WEIGHT_FIELDS)
+
+
+def run_eval(run_dir: Path) -> dict[str, Any] | None:
+    """The held-out figures in a finished run's summary.json (None when there are none)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("eval") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class SFTStage(Stage):
+    name = "sft"
+    summary = "The task's SFT policy (`init: sft`): the `sft` objective on its demonstrations, from scratch, with its sft_recipe()."
+    paper = "Ouyang et al. 2022, arXiv:2203.02155"
+    output = "run/policy"
+
+    def key(self, task) -> dict[str, Any]:
+        return sft_run_data(task)
+
+    def build(self, directory: Path, task, log, progress: bool = False) -> None:
+        if log:
+            log(f"[rlhfzoo] training the SFT policy for task {task.name!r} (cached for later runs)")
+        data = sft_run_data(task)
+        data = {**data, "train": {**data["train"], "progress": progress}, "output_dir": str(directory / "run")}
+        trainer = Trainer(load_config(data=data), log=log)
+        trainer.fit()
+        report = evaluate(trainer.policy, trainer.task, n_prompts=128, seed=0)
+        (directory / self.output / REPORT_FILE).write_text(json.dumps(report, indent=1))
+        if log:
+            log(f"[rlhfzoo] SFT policy for {task.name!r}: " + ", ".join(f"{k}={v:.3f}" for k, v in report.items()))
+
+    def adopts(self, cfg, run_dir: Path) -> bool:
+        return run_eval(run_dir) is not None and is_sft_stage(cfg)
+
+    def adopt(self, cfg, run_dir: Path, directory: Path) -> None:
+        shutil.copytree(run_dir / "policy", directory / self.output)
+        (directory / self.output / REPORT_FILE).write_text(json.dumps(run_eval(run_dir), indent=1))
+
+
 @hookimpl
 def register_objectives(register):
     register(SFT)
+
+
+@hookimpl
+def register_stages(register):
+    register(SFTStage)

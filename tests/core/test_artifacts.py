@@ -71,3 +71,11 @@ def test_leftovers_of_a_finished_key_are_removed_on_reuse(cache):
     (stale / "half.bin").write_bytes(b"x")
     assert artifacts.artifact("stage", {"a": 1}, build_file, log=None) == final
     assert not stale.exists() and (final / "out.txt").read_text() == "built"
+
+
+def test_finished_reads_without_building(cache):
+    assert artifacts.finished("stage", {"a": 1}) is None and not cache.exists()  # nothing created
+    path = artifacts.artifact("stage", {"a": 1}, build_file, log=None)
+    assert artifacts.finished("stage", {"a": 1}) == path and artifacts.finished("stage", {"a": 2}) is None
+    (path / "out.txt").write_text("changed")  # a corrupt artifact is not a finished one
+    assert artifacts.finished("stage", {"a": 1}) is None

@@ -101,3 +101,17 @@ def test_every_planned_run_lies_inside_out(tmp_path):
     assert {s.label for s in specs} == {"sft-baseline", "dpo beta=0.1", "dpo beta=0.5", "best-of-n"}
     assert len({s.directory for s in specs}) == len(specs) == 8
     assert all(inside(s.directory, out) for s in specs)
+
+
+def test_the_stages_every_run_reads_are_listed_once_in_run_order(tmp_path):
+    """What the bench builds before its first run: the baseline's SFT policy and reward model, then
+    the SFT samples DPO's pairs come from; best-of-n reads nothing new. Without an SFT start or a
+    reward model, nothing."""
+    from rlhfzoo.bench_plan import stages_needed
+
+    specs = plan(parse("--algorithms", "dpo,best-of-n", "--seeds", "2", out=tmp_path))
+    needed = stages_needed(specs)
+    assert [name for _, name in needed] == ["sft", "reward-model", "sft-samples", "sft-samples-test"]
+    assert len({id(task) for task, _ in needed}) == 1 and needed[0][0].name == "sentiment"
+    gold = plan(parse("--algorithms", "ppo-clip", "--seeds", "1", "--reward", "gold", "--set", "policy.init=scratch", out=tmp_path))
+    assert stages_needed(gold) == []

@@ -55,7 +55,7 @@ def test_a_checkpoint_is_safetensors_and_json_and_replaces_partial_ones(tmp_path
     stale = out / "checkpoints" / ".tmp-step-000007"  # left by a run killed while writing step 7
     stale.mkdir(parents=True)
     (stale / "optimizer.json").write_text("{")
-    trainer._offline_step(0)
+    trainer.train_step(0)
     trainer.step = 1
     ckpt = trainer.save_checkpoint()
     assert not stale.exists()

@@ -19,6 +19,11 @@ def test_list_and_kinds():
         assert f"  {name} " in r.stdout
     r = run("list", "--kind", "tasks")
     assert r.returncode == 0 and "objectives:" not in r.stdout and "sentiment" in r.stdout
+    r = run("list", "--kind", "stage")
+    assert r.returncode == 0 and r.stdout.startswith("stages:") and "tasks:" not in r.stdout
+    for name in ("sft", "reward-model", "judge", "sft-samples", "sft-samples-test"):
+        assert f"  {name} " in r.stdout
+    assert "[after sft]" in r.stdout
     r = run("list", "--kind", "nonsense")
     assert r.returncode == 2 and "unknown kind" in r.stderr
 
@@ -98,3 +103,20 @@ def test_reward_source_counters_are_printed_at_the_end():
     line = reward_source_line("critique", {"judge_fallback_rate": 0.25, "judge_calls": 8.0})
     assert line == "reward source 'critique': judge_calls=8, judge_fallback_rate=0.25"
     assert reward_source_line("gold", {}) is None and reward_source_line(None, {"x": 1.0}) is None
+
+
+def test_stage_builds_or_finds_a_stage_and_reports_user_errors():
+    """`rlhfzoo stage NAME`: the test cache holds the sentiment SFT stage, so it is found, not trained."""
+    r = run("stage", "sft")
+    assert r.returncode == 0, r.stderr
+    assert "stage 'sft' of task 'sentiment': " in r.stdout and "training" not in r.stdout
+    path = Path(r.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    assert (path / "config.json").is_file() and (path / "sft_report.json").is_file()
+
+    r = run("stage", "sft-sample")
+    assert r.returncode == 2 and "Stage 'sft-sample' is not registered. Did you mean 'sft-samples'?" in r.stderr
+    r = run("stage", "sft", "--set", "task.label_noize=0.1", "--set", "train.steps=3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "task.label_noize" in r.stderr and "train: a stage depends on its task only" in r.stderr
+    r = run("stage", "sft-samples", "--task", "hh-rlhf")
+    assert r.returncode == 2 and "task 'hh-rlhf' has no such options" in r.stderr and "Traceback" not in r.stderr

@@ -152,3 +152,50 @@ def test_objective_whose_config_is_not_a_plugin_config_is_rejected_at_registrati
     assert "PluginConfig" in str(reg.missing("bad-config"))
     with pytest.raises(UnknownNameError):
         reg.get("objective", "never-registered")
+
+
+def test_stages_are_a_plugin_kind():
+    from rlhfzoo.interfaces import Stage
+
+    class MyStage(Stage):
+        name = "my-stage"
+        summary = "a third party's cached step"
+        requires = ("sft",)
+
+        def key(self, task):
+            return {"task": task.name}
+
+        def build(self, directory, task, log, progress=False):
+            (directory / "out.txt").write_text(task.name)
+
+    class StagePlugin:
+        @hookimpl
+        def register_stages(self, register):
+            register(MyStage)
+
+    class NotAStagePlugin:
+        @hookimpl
+        def register_stages(self, register):
+            register(make_objective("not-a-stage"))
+
+    reg = fresh()
+    reg.register_plugin(StagePlugin(), name="stage_plugin", package="pkg-stage")
+    entry = reg.get("stage", "my-stage")
+    assert entry.cls is MyStage and reg.names("stage") == ["my-stage"] and entry.package == "pkg-stage"
+    assert entry.metadata()["requires"] == ["sft"] and entry.metadata()["summary"] == "a third party's cached step"
+    with pytest.raises(UnknownNameError, match="Stage 'my-stag' is not registered. Did you mean 'my-stage'?"):
+        reg.get("stage", "my-stag")
+    with pytest.warns(RuntimeWarning, match="register_stages was given .* not a subclass of Stage"):
+        reg.register_plugin(NotAStagePlugin(), name="not_a_stage")
+    assert reg.names("stage") == ["my-stage"]
+
+
+def test_builtin_stages_are_registered_by_the_plugins_they_belong_to():
+    owners = {e.name: e.plugin for e in registry.entries("stage") if e.package == "rlhfzoo"}
+    assert owners == {
+        "sft": "rlhfzoo.plugins.sft",
+        "reward-model": "rlhfzoo.plugins.reward_model",
+        "judge": "rlhfzoo.plugins.critique",
+        "sft-samples": "rlhfzoo.plugins.sentiment",
+        "sft-samples-test": "rlhfzoo.plugins.sentiment",
+    }

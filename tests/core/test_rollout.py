@@ -4,6 +4,7 @@ position ids, EOS handling, truncation flags, and a PPO ratio of exactly 1 befor
 import pytest
 import torch
 
+from rlhfzoo import stages
 from rlhfzoo.data.collate import pad, prompt_ids
 from rlhfzoo.plugins.ppo import PPOClip
 from rlhfzoo.plugins.sentiment import SentimentTask
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def sft():
     task = SentimentTask()
+    stages.build("sft", task, log=None)  # constructors only read a built stage
     policy = HFPolicy(HFPolicyConfig(init="sft", value_head=True), task=task)
     prompts = task.examples("prompts")[:24]
     lengths = {len(prompt_ids(policy.tokenizer, p)) for p in prompts}
@@ -36,7 +38,7 @@ def test_ratio_is_one_on_the_first_minibatch_with_left_padding(sft):
     reference = policy.frozen_copy()
     exp = obj.make_experience(rollout, task.gold_reward(rollout.prompts, rollout.responses), policy, reference)
     assert exp.metrics["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
-    group = next(iter(obj.minibatches(exp)))
+    group = next(iter(obj.minibatches(exp, policy)))
     batch = group[0]
     assert len(batch) == 8 and (batch.sequences.attention_mask[:, 0] == 0).any()  # left-padded rows in it
     lp = policy.logprobs(batch.sequences.input_ids, batch.sequences.attention_mask)

@@ -168,7 +168,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 def poison_after_step(trainer, step, monkeypatch, where="optimizer"):
     """Make one parameter NaN right after optimizer step `step` (1-based), as an overflowing
-    update would, or (where="after_iteration") in the objective's after-iteration hook."""
+    update would, or (where="after_step") in the objective's per-step hook."""
     param = next(iter(trainer.policy.parameters()))
 
     def poison():
@@ -186,14 +186,14 @@ def poison_after_step(trainer, step, monkeypatch, where="optimizer"):
 
         monkeypatch.setattr(trainer.optimizer, "step", step_then_poison)
     else:
-        real_after = trainer.objective.after_iteration
+        real_after = trainer.objective.after_step
 
         def after_then_poison(metrics):
             out = real_after(metrics)
             poison()
             return out
 
-        monkeypatch.setattr(trainer.objective, "after_iteration", after_then_poison)
+        monkeypatch.setattr(trainer.objective, "after_step", after_then_poison)
 
 
 def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -210,7 +210,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     """Weights that turn NaN outside the optimizer step (an objective's hook) are caught before a save."""
     out = tmp_path / "nan-hook"
     trainer = Trainer(load_config(data=tiny_sft(out, steps=3, save_every=1)), log=lambda *_: None)
-    poison_after_step(trainer, 2, monkeypatch, where="after_iteration")
+    poison_after_step(trainer, 2, monkeypatch, where="after_step")
     with pytest.raises(NonFiniteError, match=r"not finite.*step 2"):
         trainer.fit()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]

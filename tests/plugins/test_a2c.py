@@ -34,7 +34,7 @@ def test_defaults_follow_gophercite():
 def test_one_optimizer_step_per_batch(parts):
     policy, reference, rollout = parts
     obj = A2C(A2C.Config(micro_batch_size=3))
-    groups = list(obj.minibatches(obj.make_experience(rollout, torch.zeros(8), policy, reference)))
+    groups = list(obj.minibatches(obj.make_experience(rollout, torch.zeros(8), policy, reference), policy))
     assert len(groups) == 1 and [len(b) for b in groups[0]] == [3, 3, 2]
 
 

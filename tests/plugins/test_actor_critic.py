@@ -181,6 +181,7 @@ def test_max_kl_raises_a_training_error_naming_the_iteration(tiny):
 def test_pretraining_mix_adds_the_demonstrations_nll(tiny):
     task, policy, reference, rollout = tiny
     obj = PPOClip(PPOClip.Config(ptx_coef=2.0, ptx_batch_size=4))
+    obj.setup(policy, task)  # the demonstrations come from the task, collated as `prepare` says
     obj.prepare(task.examples("prompts"), Collator(policy.tokenizer, max_length=64), reference)
     exp = obj.make_experience(rollout, torch.zeros(len(rollout.prompts)), policy, reference)
     batch = obj.groups(exp, torch.arange(len(rollout.prompts)))[0]
@@ -198,7 +199,7 @@ def test_minibatches_cover_every_row_once_per_epoch(tiny):
     _, policy, reference, rollout = tiny
     obj = PPOClip(PPOClip.Config(epochs=3, minibatch_size=4, micro_batch_size=2))
     exp = obj.make_experience(rollout, torch.zeros(len(rollout.prompts)), policy, reference)
-    groups = list(obj.minibatches(exp))
+    groups = list(obj.minibatches(exp, policy))
     B = len(rollout.prompts)
     per_epoch = -(-B // 4)
     assert len(groups) == 3 * per_epoch
@@ -206,7 +207,7 @@ def test_minibatches_cover_every_row_once_per_epoch(tiny):
         rows = [i for g in groups[e * per_epoch : (e + 1) * per_epoch] for b in g for i in b.index.tolist()]
         assert sorted(rows) == list(range(B))
     assert all(len(b) <= 2 for g in groups for b in g)
-    assert len(list(A2C().minibatches(exp))) == 1  # A2C: one step per batch
+    assert len(list(A2C().minibatches(exp, policy))) == 1  # A2C: one step per batch
 
 
 # ------------------------------------------------------------------------------ through the trainer

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from rlhfzoo import hookimpl
+from rlhfzoo import hookimpl, stages
 from rlhfzoo.evaluation import evaluate
 from rlhfzoo.interfaces import RewardSource
-from rlhfzoo.plugins.best_of_n import BestOfN, concat_rollouts
+from rlhfzoo.plugins.best_of_n import BestOfN, concat_rollouts, evaluate_config
 from rlhfzoo.plugins.sentiment import SentimentTask
 from rlhfzoo.registry import registry
 from rlhfzoo.testing import TINY_POLICY
@@ -103,13 +103,26 @@ def test_bad_sub_configs_are_reported(task):
         make(task, 2, reward="no-such-reward")
 
 
+def test_evaluate_config_builds_the_stages_it_reads_first(task, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHFZOO_CACHE", str(tmp_path))  # empty: only the recorded builds happen
+    built = []
+    monkeypatch.setattr(stages, "build", lambda name, task, *args, **kwargs: built.append(name))
+    config = {"task": {"name": "sentiment"}, "reward": {"name": "reward-model"},
+              "policy": {"name": "best-of-n", "n": 2, "base": {"name": "hf", "init": "sft"}, "reward": {"name": "gold"}}}
+    with pytest.raises(stages.StageNotBuilt, match="'sft' stage"):  # nothing was really built, so reading fails
+        evaluate_config(config, n_prompts=2)
+    assert built == ["sft", "reward-model"]
+
+
 @pytest.mark.learning
 def test_gold_grows_with_n(task):
     """SFT base, the task's reward model choosing: gold(N=1) < gold(N=4) < gold(N=16) on held-out prompts."""
     figures = {}
+    config = {"base": {"name": "hf", "init": "sft"}, "reward": {"name": "reward-model", "path": "auto"}}
+    for name in BestOfN.required_stages(BestOfN.Config(**config)):  # ["sft", "reward-model"]: built first
+        stages.build(name, task)
     for n in (1, 4, 16):
-        bon = registry.create("policy", "best-of-n", {"n": n, "base": {"name": "hf", "init": "sft"},
-                                                      "reward": {"name": "reward-model", "path": "auto"}}, task=task)
+        bon = registry.create("policy", "best-of-n", {"n": n, **config}, task=task)
         figures[n] = evaluate(bon, task, n_prompts=100, seed=0)
     print("\nbest-of-n gold: " + ", ".join(f"N={n}: {f['gold']:.3f} ± {f['gold_se']:.3f}" for n, f in figures.items()))
     assert figures[1]["gold"] < figures[4]["gold"] < figures[16]["gold"]

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from rlhfzoo import stages
 from rlhfzoo.cli import main as cli_main
 from rlhfzoo.config import load_config
 from rlhfzoo.errors import UserError
@@ -24,8 +25,8 @@ from rlhfzoo.plugins.critique import (
     parse_verdict,
     rating_to_reward,
 )
+from rlhfzoo.plugins.reward_eval import spearman
 from rlhfzoo.plugins.sentiment import SentimentTask
-from rlhfzoo.reward_models import spearman
 from rlhfzoo.testing import contract_config
 
 # ------------------------------------------------------------------------------ parsing
@@ -330,10 +331,12 @@ def test_http_url_forms():
 
 @pytest.mark.learning
 def test_sentiment_judge_ranks_like_the_gold_reward():
-    """The task's cached judge (`sft` on its critiques, from its SFT policy) through the `critique`
+    """The task's `judge` stage (`sft` on its critiques, from its SFT policy) through the `critique`
     source with the default `policy` backend: Spearman correlation with the gold reward (0.80
     with 2 threads, 0.87-0.88 with one, 2026-11-22; the true critiques' ratings reach 0.99)."""
     task = SentimentTask()
+    for name in ("judge", "sft-samples-test"):  # what the source and the held-out examples read
+        stages.build(name, task)
     src = load_config(data={"task": {"name": "sentiment"}, "algorithm": {"name": "sft"}, "reward": {"name": "critique"}}).reward.create(task=task)
     rows = task.examples("rewarded", "test")[::5][:300]
     prompts, responses = [e.prompt for e in rows], [e.response for e in rows]

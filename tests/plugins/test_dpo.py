@@ -135,8 +135,10 @@ def test_cached_and_model_reference_agree(tiny, average):
     reference = policy.frozen_copy()
     cached = DPO(DPO.Config(reference="cached", average_logprobs=average, reference_batch_size=7))
     model = DPO(DPO.Config(reference="model", average_logprobs=average))
-    assert cached.prepare(data, collate, reference) is True  # the trainer may free the reference
-    assert model.prepare(data, collate, reference) is False
+    cached.prepare(data, collate, reference)
+    model.prepare(data, collate, reference)
+    assert not cached.reference_needed_in_training()  # the trainer may free the reference
+    assert model.reference_needed_in_training()
     moved = perturbed(policy)
     rows = [3, 11, 0, 19]
     batch = collate([(i, data[i]) for i in rows])

@@ -78,7 +78,7 @@ def test_polyak_update():
         assert torch.allclose(t, b)
 
 
-def test_after_iteration_moves_targets_towards_online():
+def test_after_step_moves_targets_towards_online():
     obj = ILQL(ILQLConfig(target_update_rate=0.5))
     policy = HFPolicy(HFPolicyConfig(**TINY), task=SentimentTask())
     heads = obj.attach(policy)
@@ -87,7 +87,7 @@ def test_after_iteration_moves_targets_towards_online():
     assert not any(".target_q." in n for n in trained), "target heads must not be optimised"
     with torch.no_grad():
         heads.q[0].bias.fill_(2.0)
-    obj.after_iteration({})
+    obj.after_step({})
     assert torch.allclose(heads.target_q[0].bias, torch.full_like(heads.target_q[0].bias, 1.0))
     assert obj.state_dict() == {"target_updates": 1}
 

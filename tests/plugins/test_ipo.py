@@ -74,7 +74,8 @@ def test_objective_uses_the_chosen_log_prob_form(tiny, average):
     policy, collate, data = tiny
     reference = policy.frozen_copy()
     obj = IPO(IPO.Config(tau=0.5, average_logprobs=average))
-    assert obj.prepare(data, collate, reference) is True
+    obj.prepare(data, collate, reference)
+    assert not obj.reference_needed_in_training()
     moved = nudged(policy)
     batch = collate(list(enumerate(data)))
     out = obj.loss(batch, moved, None)
@@ -84,7 +85,8 @@ def test_objective_uses_the_chosen_log_prob_form(tiny, average):
     assert out.loss.item() == pytest.approx(((h - 1.0) ** 2).mean().item(), abs=1e-4)
     assert out.metrics["reward_margin"] == pytest.approx(0.5 * h.mean().item(), abs=1e-4)  # tau * h
     model = IPO(IPO.Config(tau=0.5, average_logprobs=average, reference="model"))
-    assert model.prepare(data, collate, reference) is False
+    model.prepare(data, collate, reference)
+    assert model.reference_needed_in_training()
     assert model.loss(batch, moved, reference).loss.item() == pytest.approx(out.loss.item(), abs=1e-5)
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in moved.parameters())

@@ -155,7 +155,8 @@ def test_cached_partners_are_fixed_and_never_the_example_itself(tiny):
     policy, collate = tiny
     data = toy_unpaired(30)
     obj = KTO()
-    assert obj.prepare(data, collate, policy.frozen_copy()) is True
+    obj.prepare(data, collate, policy.frozen_copy())
+    assert not obj.reference_needed_in_training()
     assert sorted(obj._partner) == list(range(30)) and all(obj._partner[i] != i for i in range(30))
     again = KTO()
     again.prepare(data, collate, policy.frozen_copy())

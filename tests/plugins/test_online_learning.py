@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhfzoo import stages
 from rlhfzoo.config import load_config
 from rlhfzoo.evaluation import evaluate
 from rlhfzoo.plugins.ppo_penalty import adapt_penalty
@@ -34,6 +35,7 @@ _runs: dict[str, dict] = {}
 @pytest.fixture(scope="module")
 def sft_eval():
     task = SentimentTask()
+    stages.build("sft", task, log=None)  # constructors only read a built stage
     policy = HFPolicy(HFPolicyConfig(init="sft"), task=task)
     policy.model.eval()
     return evaluate(policy, task, n_prompts=N_PROMPTS, seed=SEED)

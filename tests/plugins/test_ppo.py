@@ -87,19 +87,22 @@ def test_early_stop_on_approximate_kl(experience_parts):
     policy, reference, rollout = experience_parts
     scores = torch.linspace(-1, 1, 8)
     full = PPOClip(PPOClip.Config(epochs=3, minibatch_size=4))
-    assert len(list(full.minibatches(full.make_experience(rollout, scores, policy, reference)))) == 6
+    assert len(list(full.minibatches(full.make_experience(rollout, scores, policy, reference), policy))) == 6
     obj = PPOClip(PPOClip.Config(epochs=3, minibatch_size=4, target_kl=0.01))
-    groups = obj.minibatches(obj.make_experience(rollout, scores, policy, reference))
+    groups = obj.minibatches(obj.make_experience(rollout, scores, policy, reference), policy)
     first = next(groups)
     out = obj.loss(first[0], policy, reference)  # before any update: approx KL ~ 0, no stop
     assert out.metrics["approx_kl"] < 1e-8
+    assert obj.after_step(out.metrics) == {} and not obj.kl_exceeded
     second = next(groups)
-    obj._kl_sum, obj._kl_n = 0.02, 1  # the update after it moved the policy: 0.02 > 1.5 x 0.01
+    obj.after_step({**out.metrics, "approx_kl": 0.012})  # above target_kl, not above 1.5 x: go on
+    third = next(groups)
+    obj.after_step({**out.metrics, "approx_kl": 0.02})  # the update after it moved the policy: 0.02 > 1.5 x 0.01
     with pytest.raises(StopIteration):
         next(groups)
     extra = obj.after_iteration({})
-    assert extra["early_stopped"] == 1.0 and extra["ppo_epochs"] == 0.0
-    assert len(second) == 1
+    assert extra["early_stopped"] == 1.0 and extra["ppo_epochs"] == 1.0  # stopped in the second epoch
+    assert len(second) == len(third) == 1
 
 
 def test_adaptive_kl_coefficient_direction(experience_parts):
@@ -136,7 +139,7 @@ def test_penalty_loss_and_beta_adaptation(experience_parts):
     policy, reference, rollout = experience_parts
     obj = PPOPenalty(PPOPenalty.Config(penalty_init=4.0, penalty_target=0.01, epochs=1, minibatch_size=8, vf_coef=0.0))
     exp = obj.make_experience(rollout, torch.linspace(-1, 1, 8), policy, reference)
-    groups = list(obj.minibatches(exp))  # no update in between: the measured KL is 0
+    groups = list(obj.minibatches(exp, policy))  # no update in between: the measured KL is 0
     batch = groups[0][0]
     out = obj.loss(batch, policy, reference)
     # At pi == pi_old: ratio 1 and penalty 0, so L = -mean(A) and the penalty adds no gradient.

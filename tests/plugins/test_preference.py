@@ -15,7 +15,8 @@ def test_identical_pairs_are_counted_and_shown_once(name, caplog):
     data = [PreferencePair(f"q{i}", f"good {i}", f"bad {i}") for i in range(5)]
     data += [PreferencePair("q", "same", "same")] * 2
     with caplog.at_level(logging.WARNING):
-        assert objective.prepare(data, collate=None, reference=None) is False
+        objective.prepare(data, collate=None, reference=None)
+    assert objective.reference_needed_in_training()  # `reference: model`
     shown = [r.getMessage() for r in caplog.records]
     assert shown == [
         f"{name}: 2 of 7 preference pairs have identical chosen and rejected responses; they express no "

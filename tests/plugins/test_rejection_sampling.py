@@ -78,7 +78,7 @@ def test_loss_is_the_nll_of_the_kept_responses(parts):
     policy, rollout = parts
     obj = RejectionSampling(RejectionSampling.Config(n_samples=4, minibatch_size=2, epochs=2))
     kept = obj.make_experience(rollout, torch.arange(12.0), policy)
-    batches = list(obj.minibatches(kept))
+    batches = list(obj.minibatches(kept, policy))
     assert len(batches) == 4 and sorted(i for b in batches[:2] for i in b.index.tolist()) == [0, 1, 2]
     out = obj.loss(batches[0], policy)
     seq = batches[0].sequences
@@ -99,8 +99,7 @@ def test_the_trainer_draws_n_samples_per_prompt(tmp_path):
     })
     trainer = Trainer(cfg, log=lambda *_: None)
     trainer.prepare_output(resume=False, overwrite=True)
-    m = trainer._online_step(0)
-    m.update(trainer.objective.after_iteration(m))
+    m = trainer.train_step(0)  # one iteration, ending with the objective's after_iteration
     assert trainer.reward.calls == 12  # 4 prompts x 3 samples, each scored once
     assert m["reward_calls"] == 12.0 and m["kept"] == 4.0 and "loss" in m
     assert trainer.objective.state_dict() == {"reward_calls": 12, "kept_total": 4}

@@ -13,7 +13,11 @@ from rlhfzoo.config import ConfigError, load_config
 from rlhfzoo.errors import UserError
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import PreferencePair
+from rlhfzoo import stages
+from rlhfzoo.plugins.reward_eval import distribution_figures, expected_calibration_error, spearman
+from rlhfzoo.plugins.reward_heads import RewardModel, RewardModelError, last_token_index, sequence_rewards
 from rlhfzoo.plugins.reward_model import (
+    REPORT_FILE,
     BradleyTerry,
     RewardModelSource,
     RunningMoments,
@@ -23,17 +27,6 @@ from rlhfzoo.plugins.reward_model import (
 )
 from rlhfzoo.plugins.sentiment import SentimentTask
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
-from rlhfzoo.reward_models import (
-    REPORT_FILE,
-    RewardModel,
-    RewardModelError,
-    distribution_figures,
-    expected_calibration_error,
-    last_token_index,
-    reward_model_path,
-    sequence_rewards,
-    spearman,
-)
 from rlhfzoo.testing import TINY_POLICY
 from rlhfzoo.trainer import Trainer
 
@@ -343,8 +336,8 @@ def test_regression_objective_trains_and_evaluates(tmp_path):
 
 @pytest.mark.learning
 def test_sentiment_reward_model_agrees_with_held_out_labels(task):
-    """The cached default RM (trained once per cache) on sentiment's noisy held-out pairs."""
-    path = reward_model_path(task)
+    """The task's `reward-model` stage (trained once per cache) on sentiment's noisy held-out pairs."""
+    path = stages.build("reward-model", task)
     report = json.loads((path / REPORT_FILE).read_text())["eval"]
     print("sentiment RM:", {k: round(v, 3) for k, v in report.items()})
     assert report["accuracy"] >= 0.65, report

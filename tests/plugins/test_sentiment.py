@@ -1,9 +1,11 @@
-"""The `sentiment` task: generator, gold reward, tokenizer and the labels derived from samples.
+"""The `sentiment` task: its language (generator, gold reward), tokenizer, the labels derived from
+samples, and the SFT-samples stages they are read from.
 
 No model is involved: "SFT-like" samples are drawn from the task's own generator (reviews of every
 tone continuing each prompt) with some degenerate responses mixed in.
 """
 
+import json
 import math
 import random
 from collections import Counter
@@ -13,7 +15,9 @@ import torch
 from pydantic import ValidationError
 
 from rlhfzoo.interfaces import Demonstration, PreferencePair, RewardedExample, UnpairedExample
+from rlhfzoo.plugins import review_language as L
 from rlhfzoo.plugins import sentiment as S
+from rlhfzoo.plugins.critique import parse_rating
 from rlhfzoo.plugins.sentiment import SentimentTask
 
 P = "drama review : the acting was"  # opening continued by the hand-made responses below
@@ -45,9 +49,9 @@ def degenerate(response: str, rng: random.Random) -> str:
 
 def sft_like_samples(n_prompts=150, per_prompt=10, degenerate_rate=0.1, seed=0):
     rng = random.Random(seed)
-    prompts = S.make_prompts(n_prompts, seed=0, split="test")
+    prompts = L.make_prompts(n_prompts, seed=0, split="test")
     samples = [
-        [S.continue_review(rng, p) for _ in range(per_prompt)] for p in prompts
+        [L.continue_review(rng, p) for _ in range(per_prompt)] for p in prompts
     ]
     samples = [[degenerate(r, rng) if rng.random() < degenerate_rate else r for r in rs] for rs in samples]
     return prompts, samples
@@ -61,7 +65,7 @@ class GeneratedSamplesTask(SentimentTask):
 
 
 def gold(prompt, response):
-    return S.gold_breakdown(prompt, response).gold
+    return L.gold_breakdown(prompt, response).gold
 
 
 # ------------------------------------------------------------------------------ generator
@@ -78,16 +82,16 @@ def test_same_seed_same_data_and_different_seed_different_data():
 
 
 def test_demonstrations_are_grammatical_bounded_and_near_neutral():
-    demos = S.make_demonstrations(2000, seed=0)
+    demos = L.make_demonstrations(2000, seed=0)
     assert all(isinstance(d, Demonstration) for d in demos)
-    assert all(S.is_grammatical(d.response, d.prompt) for d in demos)
+    assert all(L.is_grammatical(d.response, d.prompt) for d in demos)
     assert all(1 <= len(d.response.split()) <= 24 and "<eos>" not in d.response for d in demos)
     golds = [gold(d.prompt, d.response) for d in demos]
     mean = sum(golds) / len(golds)
     assert abs(mean) < 0.05, mean
     assert sum(g > 0.3 for g in golds) > 0.2 * len(golds) and sum(g < -0.3 for g in golds) > 0.2 * len(golds)
     assert max(golds) < 1.0 or sum(g == 1.0 for g in golds) < 0.05 * len(golds)  # room to improve
-    assert all(S.prompt_split(d.prompt) == "train" for d in demos)
+    assert all(L.prompt_split(d.prompt) == "train" for d in demos)
 
 
 def test_prompts_are_distinct_and_train_and_test_are_disjoint():
@@ -121,10 +125,10 @@ def test_modifiers_and_the_prompt_opening():
     # The response must continue the opening: a complete sentence on its own does not parse after it.
     assert gold("comedy review :", "the plot was good .") == 0.5
     assert gold("comedy review : the plot was", "the plot was good .") == -1.0
-    assert S.is_grammatical("good .", P) and S.is_grammatical("the plot was good .")
-    assert not S.is_grammatical("good .") and not S.is_grammatical("") and not S.is_grammatical(UNFINISHED, P)
+    assert L.is_grammatical("good .", P) and L.is_grammatical("the plot was good .")
+    assert not L.is_grammatical("good .") and not L.is_grammatical("") and not L.is_grammatical(UNFINISHED, P)
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
-        S.gold_scores([P, P], [GOOD])
+        L.gold_scores([P, P], [GOOD])
 
 
 def test_response_metrics():
@@ -138,11 +142,11 @@ def test_tokenizer_covers_every_word_and_round_trips():
     tok = task.tokenizer()
     assert (tok.pad_token, tok.eos_token, tok.bos_token, tok.unk_token) == ("<pad>", "<eos>", "<bos>", "<unk>")
     assert len({tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id}) == 4
-    text = " ".join(S.VOCAB)
+    text = " ".join(L.VOCAB)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(S.VOCAB) and tok.unk_token_id not in ids
+    assert len(ids) == len(L.VOCAB) and tok.unk_token_id not in ids
     assert tok.decode(ids) == text
-    demo = S.make_demonstrations(1, seed=0)[0]
+    demo = L.make_demonstrations(1, seed=0)[0]
     critique = S.critique_examples([P], [[GOOD]])[0]
     for s in (demo.prompt + " " + demo.response, critique.prompt + " " + critique.response):
         ids = tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -214,10 +218,10 @@ def test_unpaired_rewarded_and_critiques():
     assert len(critiques) == len(rows)
     for c, (p, r) in zip(critiques, rows):
         assert c.prompt == S.judge_prompt(p, r) and c.prompt.startswith(f"judge : {p}") and c.prompt.endswith(" verdict :")
-        assert S.parse_rating(c.response) == S.rating(gold(p, r))
+        assert parse_rating(c.response) == S.rating(gold(p, r))  # the critique reward source reads the rating
         assert tok.unk_token_id not in tok(c.prompt + " " + c.response)["input_ids"]
     assert (S.rating(-1.0), S.rating(0.0), S.rating(0.79), S.rating(1.0)) == (1, 6, 9, 10)
-    assert S.parse_rating("fluent , positive [[8]]") == 8 and S.parse_rating("no rating") is None
+    assert parse_rating("fluent , positive [[8]]") == 8 and parse_rating("no rating") is None
 
 
 def test_examples_of_every_kind_from_samples():
@@ -228,6 +232,50 @@ def test_examples_of_every_kind_from_samples():
     assert all(p.group is not None for p in task.examples("rankings"))
     assert all(p.margin is not None and p.group is None for p in task.examples("pairs"))
     assert task.examples("pairs", "test") != task.examples("pairs", "train")
+
+
+def test_labelled_kinds_read_the_sft_samples_stages_of_both_splits():
+    task = SentimentTask()
+    for kind in ("pairs", "rankings", "unpaired", "rewarded", "critiques"):
+        assert task.stages_for(kind) == ["sft-samples", "sft-samples-test"] and task.provides(kind), kind
+    for kind in ("prompts", "demonstrations"):
+        assert task.stages_for(kind) == [] and task.provides(kind), kind
+    assert not task.provides("preferences") and task.stages_for("preferences") == []
+
+
+def test_the_samples_stages_key_and_build(tmp_path, monkeypatch):
+    """Each split's samples are keyed by the SFT stage, the split's prompts, samples_per_prompt and
+    the seed (label options are applied after sampling); built from whatever SFT policy the SFT
+    stage holds (here a tiny untrained one, put in place of the real stage)."""
+    from rlhfzoo import stages
+    from rlhfzoo.errors import UserError
+    from rlhfzoo.registry import registry
+
+    task = SentimentTask(SentimentTask.Config(n_prompts=3, n_test_prompts=2, samples_per_prompt=2))
+    train, test = stages.get("sft-samples"), stages.get("sft-samples-test")
+    key = train.key(task)
+    assert key == {"sft": stages.get("sft").key(task), "prompts": task.examples("prompts"), "n": 2, "seed": 0}
+    assert test.key(task)["prompts"] == task.examples("prompts", "test") and train.artifact == test.artifact == "sft-samples"
+    assert train.key(SentimentTask(SentimentTask.Config(n_prompts=3, samples_per_prompt=2, label_noise=0.1))) == key
+    with pytest.raises(UserError, match="task 'hh-rlhf' has no such options"):
+        train.key(registry.create("task", "hh-rlhf", {}))
+
+    monkeypatch.setenv("RLHFZOO_CACHE", str(tmp_path / "cache"))
+    tiny = registry.create("policy", "hf", {"init": "scratch", "n_layer": 1, "n_embd": 16, "n_head": 2, "max_new_tokens": 4}, task=task)
+
+    def fake_sft(directory, task, log, progress=False):
+        tiny.save(str(directory / "run" / "policy"))
+
+    monkeypatch.setattr(type(stages.get("sft")), "build", lambda self, *a, **k: fake_sft(*a, **k))
+    path = stages.build("sft-samples", task, log=None)
+    samples = json.loads(path.read_text())
+    assert len(samples) == 3 and all(len(rs) == 2 and all(isinstance(r, str) for r in rs) for rs in samples)
+    prompts, read = task.samples("train")
+    assert read == samples and prompts == task.examples("prompts")
+    pairs = task.examples("pairs")  # derived from the samples the stage holds
+    assert pairs and {(e.chosen, e.rejected) for e in pairs} <= {tuple(rs) for rs in samples} | {tuple(rs[::-1]) for rs in samples}
+    with pytest.raises(stages.StageNotBuilt, match="sft-samples-test"):
+        task.examples("pairs", "test")
 
 
 def test_unknown_kind_and_split_and_bad_config():
@@ -260,7 +308,7 @@ def test_cached_sft_policy_is_mostly_grammatical_and_leaves_room_to_improve():
 
     from rlhfzoo import stages
 
-    path = stages.sft_policy_path(SentimentTask(), log=None)
+    path = stages.build("sft", SentimentTask(), log=None)
     report = json.loads((path / "sft_report.json").read_text())
     assert report["grammatical_rate"] >= 0.88, report
     assert report["finished_rate"] >= 0.95, report
