@@ -340,7 +340,10 @@ def test_sentiment_reward_model_agrees_with_held_out_labels(task):
     path = stages.build("reward-model", task)
     report = json.loads((path / REPORT_FILE).read_text())["eval"]
     print("sentiment RM:", {k: round(v, 3) for k, v in report.items()})
-    assert report["accuracy"] >= 0.65, report
+    # The held-out labels are noisy (the task flips many of them), so agreement with them is capped
+    # well below 1: ask for it clearly above chance (5 standard errors), and more with the gold ordering.
+    chance_se = math.sqrt(0.25 / report["n_pairs"])
+    assert report["accuracy"] > 0.5 + 5 * chance_se, report
     assert report["gold_accuracy"] > report["accuracy"]  # the labels are noisy, the RM learned the gold ordering
     # `path: auto` scores with that same model
     source = RewardModelSource(RewardModelSource.Config(path="auto"), task=task)
