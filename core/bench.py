@@ -3,18 +3,20 @@
     rlhfzoo bench --task sentiment --algorithms dpo,ppo-clip,best-of-n --seeds 3 --out runs/bench
 
 Every algorithm starts from the task's cached SFT policy (and, where it needs one, the task's
-cached reward model), gets the training budget its objective recommends (`train_defaults`,
-recorded in optimizer steps, tokens and reward calls), and is evaluated on the same held-out
-prompts with the same sampling seed. Names go through the registry, so an installed
-third-party objective joins the table by being named. Policies (e.g. `best-of-n`) are
-benchmarked without training; `sft` is the baseline every row is compared with.
+cached reward model), and runs as its plugin's bench protocol says (`BenchProtocol`: the
+training budget, recorded in optimizer steps, tokens and reward calls; options; sampled or scorer
+evaluation; pair-accuracy keys; KL knob; sampled or closed-form KL), evaluated on the same
+held-out prompts with the same sampling seed. Names go through the registry, so an installed
+third-party objective joins the table by being named. Inference-time policies (e.g. `best-of-n`)
+are benchmarked without training; the starting policy itself (`sft-baseline`) is the baseline
+every row is compared with.
 
 Without `--algorithms`, every built-in contender runs -- except on a task without a gold reward
 (e.g. `hh-rlhf`, human labels only), where sampled responses cannot be scored: there the
-defaults are the built-in offline objectives whose data kind the task provides, plus the reward
-model (`bradley-terry`), and rows are compared by their accuracy on the task's held-out
-preference pairs ("pair acc.": the implicit reward log pi/pi_ref of DPO/IPO-style objectives,
-the reward model's score for reward models).
+defaults are the built-in offline contenders that report a held-out pair accuracy on a data
+kind the task provides (DPO-style objectives and reward models), and rows are compared by their
+accuracy on the task's held-out preference pairs ("pair acc.": the implicit reward log
+pi/pi_ref of DPO/IPO-style objectives, the reward model's score for reward models).
 
 Everything a user can get wrong is reported before any run starts (`bench_plan`: counts, names,
 `--config`, every problem of every run's config, `--sweep`, run directories inside `--out`).
@@ -52,15 +54,18 @@ from rlhfzoo.bench_plan import (  # noqa: F401  (BenchError, RunSpec, BASELINE a
     RunSpec,
     builtin_algorithms,
     default_algorithms,
+    load_run_config,
     parse_sweep,
     plan,
+    protocol,
     resolve_names,
-    run_config,
     stages_needed,
 )
 from rlhfzoo.bench_runs import RunLock, die_with_parent, execute, read_spec, same_spec  # noqa: F401
-from rlhfzoo.bench_stats import aggregate, bradley_terry, mean_ci, pair_accuracy, win_rate  # noqa: F401
+from rlhfzoo.bench_stats import aggregate, bradley_terry, mean_ci, win_rate  # noqa: F401
 from rlhfzoo.errors import UserError
+from rlhfzoo.interfaces import BenchProtocol
+from rlhfzoo.registry import DEFAULTS
 
 # ------------------------------------------------------------------------------------ one run (worker process)
 
@@ -76,24 +81,23 @@ def run_worker(spec_path: str, lock_fd: int | None, parent_pid: int | None) -> i
 
 
 def worker(spec: RunSpec) -> int:
-    """Train (or build) one policy, evaluate it, write result.json last."""
-    import torch
-
-    from rlhfzoo.config import load_config
-    from rlhfzoo.evaluation import sample, sequence_kl
+    """Train (or build) one policy, evaluate it as its bench protocol says, write result.json last."""
     from rlhfzoo.trainer import Trainer, peak_rss_mb
 
     d = Path(spec.directory)
     start = time.time()
     result: dict[str, Any] = {"label": spec.label, "name": spec.name, "seed": spec.seed, "kind": spec.kind}
-    cfg = load_config(data=run_config(spec))
+    cfg = load_run_config(spec)
     stages.build_for(cfg, log=print)  # built by the bench already: found in the cache
+    (d / "config.yaml").write_text(cfg.to_yaml())
     if spec.kind == "objective":
-        (d / "config.yaml").write_text(cfg.to_yaml())
+        bench = protocol("objective", spec.name)
         trainer = Trainer(cfg, log=lambda *_: None)
         summary = trainer.fit(overwrite=True)
         policy, task, reward = trainer.objective.inference_policy(trainer.policy), trainer.task, trainer.reward
-        reference = (trainer._reference_for_eval() or cfg.policy.create(task=task).frozen_copy()) if trainer.objective.trains_policy else None
+        reference = None
+        if bench.evaluation == "sampled":  # KL from the policy training started from
+            reference = trainer.reference_for_eval() or cfg.policy.create(task=task).frozen_copy()
         result["budget"] = {
             "optimizer_steps": cfg.train.steps,
             "batch_size": cfg.train.batch_size,
@@ -102,49 +106,62 @@ def worker(spec: RunSpec) -> int:
         }
         result["train_seconds"] = summary["train_seconds"]
         result["objective_eval"] = summary.get("eval", {})
+        accuracy = bench.pair_accuracy_of(result["objective_eval"])
+        if accuracy is not None:
+            result["pair_accuracy"] = list(accuracy)  # (accuracy, pairs) on the task's held-out pairs
     else:
-        (d / "config.yaml").write_text(cfg.to_yaml())
+        bench = protocol("policy", spec.name) if spec.label != BASELINE else BenchProtocol()
         task = cfg.task.create()
         policy = cfg.policy.create(task=task)
         reward = cfg.reward.create(task=task) if cfg.reward else None
         # KL from the policy every trained row starts from (the bench's `policy` section, by default
-        # the task's SFT policy): the row's own policy, or the base it samples from (best-of-n).
-        reference = getattr(policy, "base", policy).frozen_copy()
+        # the task's SFT policy): the row's own policy, or the base an inference-time method samples from.
+        reference = policy.kl_reference().frozen_copy()
         result["train_seconds"] = 0.0
+    result.update(evaluate_row(spec, bench, policy, task, reward, cfg, reference))
+    counters = result["budget"]
+    result["train_tokens_per_second"] = counters.get("train_tokens", 0) / max(result["train_seconds"], 1e-9) if result["train_seconds"] else 0.0
+    result["wall_seconds"] = time.time() - start
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["status"] = "ok"
+    tmp = d / ".result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, d / "result.json")
+    return 0
 
+
+def evaluate_row(spec: RunSpec, bench: BenchProtocol, policy, task, reward, cfg, reference) -> dict[str, Any]:
+    """Sample the row's policy on the held-out prompts (unless its output is a scorer) and write the
+    per-prompt gold, proxy and KL to responses.json; an inference-time row's budget is this evaluation."""
+    import torch
+
+    from rlhfzoo.evaluation import sample, sequence_kl
+
+    out: dict[str, Any] = {}
     eval_start = time.time()
     rollouts: list = []
     record: dict[str, Any] = {"prompts": [], "responses": []}
-    if spec.kind == "policy" or trainer.objective.trains_policy:  # reward models: only their `objective_eval`
+    if bench.evaluation == "sampled":
         prompts = task.eval_prompts()[: spec.eval_prompts]
         rollouts = sample(policy, prompts, seed=10_000 + spec.seed)
         responses = [r for ro in rollouts for r in ro.responses]
         record = {"prompts": prompts, "responses": responses}
         if task.has_gold_reward:
             record["gold"] = task.gold_reward(prompts, responses).tolist()
-        if reward is not None and cfg.reward is not None and cfg.reward.entry.name != "gold":
+        if reward is not None and not cfg.reward.entry.cls.is_gold:
             record["proxy"] = reward.score(prompts, responses).tolist()
-        analytic = getattr(policy, "analytic_kl", None)
-        if callable(analytic):
-            record["kl"] = [float(analytic())] * len(responses)
+        if bench.kl == "analytic":
+            record["kl"] = [float(policy.analytic_kl())] * len(responses)
         else:
             record["kl"] = torch.cat([sequence_kl(policy, reference, ro) for ro in rollouts]).tolist()
     if spec.kind == "policy":  # inference-time methods: their budget is the evaluation itself
-        reward_calls = getattr(policy, "counters", {}).get("reward_calls", 0)
-        result["budget"] = {"optimizer_steps": 0, "batch_size": 0, "reward_calls": reward_calls, **getattr(policy, "counters", {})}
-    result["eval_seconds"] = time.time() - eval_start
+        counters = dict(policy.counters)
+        out["budget"] = {"optimizer_steps": 0, "batch_size": 0, "reward_calls": counters.get("reward_calls", 0), **counters}
+    out["eval_seconds"] = time.time() - eval_start
     tokens = sum(int(ro.response_mask.sum()) for ro in rollouts)
-    result["generate_tokens_per_second"] = tokens / max(result["eval_seconds"], 1e-9)
-    counters = result["budget"]
-    result["train_tokens_per_second"] = counters.get("train_tokens", 0) / max(result["train_seconds"], 1e-9) if result["train_seconds"] else 0.0
-    result["wall_seconds"] = time.time() - start
-    result["peak_rss_mb"] = peak_rss_mb()
-    result["status"] = "ok"
-    (d / "responses.json").write_text(json.dumps(record))
-    tmp = d / ".result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, d / "result.json")
-    return 0
+    out["generate_tokens_per_second"] = tokens / max(out["eval_seconds"], 1e-9)
+    (Path(spec.directory) / "responses.json").write_text(json.dumps(record))
+    return out
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -278,7 +295,7 @@ def machine() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhfzoo bench", description="Run algorithms head to head on equal footing.")
-    p.add_argument("--task", default="sentiment", help="registered task (default: sentiment)")
+    p.add_argument("--task", default=DEFAULTS["task"], help=f"registered task (default: {DEFAULTS['task']})")
     p.add_argument(
         "--algorithms",
         default=None,
@@ -290,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with task/policy/reward/train sections shared by every run")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override applied to every run (repeatable)")
     p.add_argument("--reward", help="reward source the algorithms train against (default: the task's reward model)")
-    p.add_argument("--sweep", help="e.g. algorithm.beta=0.05,0.1,0.5: one row per value, for the frontier plot")
+    p.add_argument("--sweep", help="e.g. algorithm.beta=0.05,0.1,0.5: one row per value, for the frontier plot; `kl`: every algorithm over its own KL knob (`rlhfzoo show NAME`)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation (default: 200)")
     p.add_argument("--quick", action="store_true", help="one seed and 100 eval prompts: the README's main job and CI")
     p.add_argument("--force", action="store_true", help="rerun finished runs instead of reusing them")

@@ -24,10 +24,10 @@ from typing import Any
 import yaml
 
 from rlhfzoo import stages
-from rlhfzoo.config import ConfigError, apply_overrides, parse_value, read_yaml, resolve
+from rlhfzoo.config import REQUIRED_SECTIONS, ConfigError, RunConfig, apply_overrides, parse_value, read_yaml, resolve
 from rlhfzoo.errors import UserError
-from rlhfzoo.interfaces import Task
-from rlhfzoo.registry import UnknownNameError, registry
+from rlhfzoo.interfaces import BenchProtocol, Task
+from rlhfzoo.registry import DEFAULTS, UnknownNameError, registry
 
 BASELINE = "sft-baseline"
 DEFAULT_TRAIN = {"steps": 50, "batch_size": 16, "lr": 1e-4}
@@ -52,12 +52,18 @@ class RunSpec:
     variant: dict[str, Any] = field(default_factory=dict)
 
 
-def run_config(spec: RunSpec) -> dict[str, Any]:
-    """The config a run's worker loads: an objective's own; a policy row's with `sft` in the
-    `algorithm` section the config format requires (nothing is trained for it)."""
-    if spec.kind == "objective":
-        return spec.config
-    return {**spec.config, "algorithm": {"name": "sft"}}
+def load_run_config(spec: RunSpec) -> RunConfig:
+    """A run's config, validated as `rlhfzoo train` validates it; a policy row (evaluated as is)
+    has no `algorithm` section."""
+    return resolve(spec.config, require=REQUIRED_SECTIONS if spec.kind == "objective" else ("task",))
+
+
+def protocol(kind: str, name: str) -> BenchProtocol:
+    """The bench protocol a registered objective or policy declares (`bench`)."""
+    declared = registry.get(kind, name).cls.bench
+    if declared is None:
+        raise BenchError(f"policy {name!r} is not a bench row (it declares no `bench` protocol); name an objective or an inference-time policy.")
+    return declared
 
 
 # ------------------------------------------------------------------------------------ the command line
@@ -105,11 +111,16 @@ def read_base(args, source: str) -> dict[str, Any]:
     return base
 
 
+KL_SWEEP = "kl"  # `--sweep kl`: every row over its own KL knob's values (`BenchProtocol.kl_knob`, `kl_sweep`)
+
+
 def parse_sweep(text: str | None) -> tuple[str | None, list[Any]]:
-    """`algorithm.KEY=v1,v2,...` -> (key, distinct values parsed as YAML)."""
+    """`algorithm.KEY=v1,v2,...` -> (key, distinct values parsed as YAML); `kl` -> ("kl", [])."""
     if not text:
         return None, []
-    usage = f"--sweep must look like algorithm.beta=0.05,0.1,0.5, got {text!r}"
+    if text.strip() == KL_SWEEP:
+        return KL_SWEEP, []
+    usage = f"--sweep must look like algorithm.beta=0.05,0.1,0.5 (or `kl`: each algorithm's own KL knob), got {text!r}"
     key, sep, values = text.partition("=")
     parts = key.split(".")
     if not sep or len(parts) < 2 or parts[0] != "algorithm" or not all(parts):
@@ -136,7 +147,7 @@ def resolve_names(names: list[str]) -> list[tuple[str, str]]:
     """(kind, canonical name) for every algorithm, each once; all unknown names reported at once."""
     resolved, unknown = [], []
     for name in names:
-        found = [e for e in registry.find(name) if e.kind in ("objective", "policy")]
+        found = [e for e in registry.find(name) if e.kind == "objective" or (e.kind == "policy" and e.cls.bench is not None)]
         if not found:
             unknown.append(name)
             continue
@@ -144,7 +155,7 @@ def resolve_names(names: list[str]) -> list[tuple[str, str]]:
         if (entry.kind, entry.name) not in resolved:  # `dpo,dpo` or a name and its alias: one row
             resolved.append((entry.kind, entry.name))
     if unknown:
-        choices = registry.names("objective") + [n for n in registry.names("policy") if n != "hf"]
+        choices = registry.names("objective") + [e.name for e in registry.entries("policy") if e.cls.bench is not None]
         messages = [str(UnknownNameError("objective", n, choices)).split("\n")[0] for n in unknown]
         raise UnknownNameError("objective", unknown[0], choices) if len(unknown) == 1 else BenchError(
             "\n".join(messages) + f"\nAlgorithms available: {', '.join(choices)}. Nothing was run."
@@ -152,29 +163,21 @@ def resolve_names(names: list[str]) -> list[tuple[str, str]]:
     return resolved
 
 
-def default_reward(task_name: str) -> dict[str, Any]:
-    """The proxy reward online algorithms train against: the task's cached reward model."""
-    try:
-        registry.get("reward_source", "reward-model")
-        return {"name": "reward-model", "path": "auto"}
-    except UnknownNameError:
-        return {"name": "gold"}
-
-
 def builtin_algorithms() -> list[str]:
-    """Every built-in objective and policy that declares itself a benchmark contender."""
+    """Every built-in objective and policy whose bench protocol makes it a contender."""
     return [
         e.name
         for kind in ("objective", "policy")
         for e in registry.entries(kind)
-        if e.package == "rlhfzoo" and getattr(e.cls, "benchmark", False)
+        if e.package == "rlhfzoo" and e.cls.bench is not None and e.cls.bench.contender
     ]
 
 
 def default_algorithms(task: dict[str, Any]) -> list[str]:
     """What runs without `--algorithms`: every built-in contender; on a task without a gold reward
-    (its sampled responses cannot be scored), the built-in offline objectives whose data kind the
-    task provides, plus the reward model (`bradley-terry`), all compared by held-out pair accuracy."""
+    (its sampled responses cannot be scored), the built-in offline contenders that report a held-out
+    pair accuracy (`BenchProtocol.pair_accuracy`: DPO-style objectives, reward models) on a data kind
+    the task provides, all compared by that accuracy."""
     instance = registry.create("task", task["name"], {k: v for k, v in task.items() if k != "name"})
     if instance.has_gold_reward:
         return builtin_algorithms()
@@ -185,12 +188,11 @@ def default_algorithms(task: dict[str, Any]) -> list[str]:
         except (ValueError, KeyError, NotImplementedError):
             return False
 
-    offline = [
+    return [
         e.name
         for e in registry.entries("objective")
-        if e.package == "rlhfzoo" and e.cls.benchmark and not e.cls.online and provides(e.cls.data_kind)
+        if e.package == "rlhfzoo" and e.cls.bench.contender and e.cls.bench.pair_accuracy and not e.cls.online and provides(e.cls.data_kind)
     ]
-    return offline + [n for n in ("bradley-terry",) if n not in offline]
 
 
 # ------------------------------------------------------------------------------------ directories
@@ -229,7 +231,7 @@ def check_distinct_directories(specs: list[RunSpec]) -> None:
 def check_task(task: dict[str, Any], source: str) -> None:
     """The shared task section, validated before it is built to list the default algorithms."""
     try:
-        resolve({"task": task, "algorithm": {"name": "sft"}})
+        resolve({"task": task}, require=("task",))
     except ConfigError as e:
         raise ConfigError(e.errors, source=source) from None
 
@@ -241,7 +243,7 @@ def validate_configs(specs: list[RunSpec], source: str) -> None:
     problems: dict[str, list[str]] = {}
     for spec in specs:
         try:
-            resolve(run_config(spec))
+            load_run_config(spec)
         except ConfigError as e:
             for path, message in e.errors:
                 rows = problems.setdefault(f"{path or '<top>'}: {message}", [])
@@ -272,47 +274,54 @@ def plan(args) -> list[RunSpec]:
     task = {"name": args.task, **(base.get("task") or {})}  # --config's task name wins over --task
     if not args.config:
         task["name"] = args.task
-    policy = {"name": "hf", **base["policy"]} if base.get("policy") else {"name": "hf", "init": "sft"}
-    reward = base.get("reward") or (default_reward(task["name"]) if not args.reward else {"name": args.reward})
+    policy = {"name": DEFAULTS["policy"], **(base.get("policy") or {})}  # the baseline every row starts from
+    check_task(task, source)
+    instance = registry.create("task", task["name"], {k: v for k, v in task.items() if k != "name"})
+    reward = base.get("reward") or ({"name": args.reward} if args.reward else instance.default_reward())
     train_base = base.get("train") or {}
-    if args.algorithms is None:
-        check_task(task, source)
-        algorithms = ",".join(default_algorithms(task))
-    else:
-        algorithms = args.algorithms
-    names = resolve_names([n.strip() for n in algorithms.split(",") if n.strip()])
+    algorithms = default_algorithms(task) if args.algorithms is None else [n.strip() for n in args.algorithms.split(",") if n.strip()]
+    names = resolve_names(algorithms)
     sweep_key, sweep_values = parse_sweep(args.sweep)
     swept = set()
     specs: list[RunSpec] = []
     for seed in range(args.seeds):
         d = run_directory(out, BASELINE, seed)
-        specs.append(RunSpec(BASELINE, "hf", "policy", seed, {"task": task, "policy": policy, "reward": reward}, d, args.eval_prompts))
+        cfg = {"task": task, "policy": policy, **({"reward": reward} if reward else {})}
+        specs.append(RunSpec(BASELINE, policy["name"], "policy", seed, cfg, d, args.eval_prompts))
     for kind, name in names:
-        entry = registry.get(kind, name)
+        entry, bench = registry.get(kind, name), protocol(kind, name)
         variants: list[dict[str, Any]] = [{}]
-        if sweep_key and kind == "objective" and sweep_key.split(".")[1] in entry.cls.Config.model_fields:
+        section = "algorithm" if kind == "objective" else "policy"
+        if sweep_key == KL_SWEEP and bench.kl_knob:
+            variants = [{f"{section}.{bench.kl_knob}": v} for v in bench.kl_sweep]
+            swept.add(name)
+        elif sweep_key and sweep_key != KL_SWEEP and kind == "objective" and sweep_key.split(".")[1] in entry.cls.Config.model_fields:
             variants = [{sweep_key: v} for v in sweep_values]
             swept.add(name)
         for variant in variants:
             label = name + "".join(f" {k.split('.')[-1]}={v}" for k, v in variant.items())
             for seed in range(args.seeds):
                 d = run_directory(out, label, seed)
-                if kind == "policy":
-                    pol = {"name": name, "base": policy, "reward": reward}
-                    cfg = {"task": task, "policy": pol, "reward": reward}
+                if kind == "policy":  # an inference-time method, evaluated as is
+                    row_policy = {"name": name, **bench.options}
+                    if bench.base_option:
+                        row_policy[bench.base_option] = policy
+                    if bench.reward_option and reward:
+                        row_policy[bench.reward_option] = reward
+                    cfg = {"task": task, "policy": row_policy, **({"reward": reward} if reward else {})}
                 else:
-                    train = {**DEFAULT_TRAIN, **entry.cls.train_defaults, **train_base}
+                    train = {**DEFAULT_TRAIN, **bench.train, **train_base}
                     train.update(seed=seed, eval_prompts=args.eval_prompts, progress=False)
                     train.setdefault("eval_every", max(1, train["steps"] // 4) if isinstance(train["steps"], int) else 1)
-                    algorithm = {"name": name, **entry.cls.algorithm_defaults}
+                    algorithm = {"name": name, **bench.options}
                     cfg = {"task": task, "policy": policy, "algorithm": algorithm, "train": train, "output_dir": str(Path(d) / "train")}
-                    if entry.cls.online or entry.cls.needs_reward:
+                    if (entry.cls.online or entry.cls.needs_reward) and reward:
                         cfg["reward"] = reward
-                    cfg = apply_overrides(cfg, [f"{k}={json.dumps(v, default=str)}" for k, v in variant.items()])
+                cfg = apply_overrides(cfg, [f"{k}={json.dumps(v, default=str)}" for k, v in variant.items()])
                 specs.append(RunSpec(label, name, kind, seed, cfg, d, args.eval_prompts, variant))
     if sweep_key and not swept:
-        option = sweep_key.split(".")[1]
-        raise BenchError(f"--sweep {sweep_key}: none of the algorithms run ({', '.join(n for _, n in names) or 'none'}) has the option {option!r}. "
+        what = "a KL knob (`BenchProtocol.kl_knob`)" if sweep_key == KL_SWEEP else f"the option {sweep_key.split('.')[1]!r}"
+        raise BenchError(f"--sweep {sweep_key}: none of the algorithms run ({', '.join(n for _, n in names) or 'none'}) has {what}. "
                          "`rlhfzoo show NAME` lists an algorithm's options.")
     check_distinct_directories(specs)
     validate_configs(specs, source)
@@ -329,7 +338,7 @@ def stages_needed(specs: list[RunSpec]) -> list[tuple[Task, str]]:
     tasks: dict[str, Task] = {}
     seen: set[tuple[str, str]] = set()
     for spec in specs:
-        cfg = resolve(run_config(spec))
+        cfg = load_run_config(spec)
         task_key = json.dumps(cfg.task.to_dict(), sort_keys=True)
         task = tasks.setdefault(task_key, cfg.task.create())
         for name in stages.needed(cfg, task):

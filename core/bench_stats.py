@@ -94,7 +94,7 @@ def aggregate(specs: list[RunSpec], results: list[dict[str, Any]]) -> list[dict[
                 m, se, ci = mean_ci(vals)
                 within = [_se(records[(label, s.seed)][key]) for s, _ in ok if key in records.get((label, s.seed), {})]
                 row[key] = {"mean": m, "seed_se": se, "ci95": ci, "per_seed": vals, "prompt_se": sum(within) / len(within)}
-        accuracies = [(acc, n) for acc, n in (pair_accuracy(r.get("objective_eval") or {}) for _, r in ok) if acc is not None]
+        accuracies = [tuple(r["pair_accuracy"]) for _, r in ok if r.get("pair_accuracy")]  # (accuracy, pairs) per seed
         if accuracies:
             m, se, ci = mean_ci([a for a, _ in accuracies])
             within = [math.sqrt(a * (1 - a) / n) if n else float("nan") for a, n in accuracies]  # binomial SE over pairs
@@ -119,19 +119,6 @@ def aggregate(specs: list[RunSpec], results: list[dict[str, Any]]) -> list[dict[
     else:  # no gold reward (e.g. hh-rlhf): held-out pair accuracy, then Elo; rows without either last
         rows.sort(key=lambda r: (-(r["pair_accuracy"]["mean"] if r.get("pair_accuracy") else -1e9), -(r.get("elo") or -1e9)))
     return rows
-
-
-PAIR_ACCURACY_KEYS = ("implicit_reward_accuracy", "accuracy")  # policy objectives; reward models (evaluate_reward_model)
-
-
-def pair_accuracy(objective_eval: dict[str, Any]) -> tuple[float | None, float]:
-    """(accuracy on the task's held-out preference pairs, number of pairs) from a run's
-    `objective_eval`: the implicit reward's for policy objectives, the score's for reward models."""
-    for key, n_key in zip(PAIR_ACCURACY_KEYS, ("implicit_reward_pairs", "n_pairs")):
-        value = objective_eval.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value), float(objective_eval.get(n_key, 0))
-    return None, 0.0
 
 
 def _se(values: list[float]) -> float:

@@ -19,7 +19,7 @@ from rlhfzoo import __version__, stages
 from rlhfzoo.config import ConfigError, apply_overrides
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Task
-from rlhfzoo.registry import KINDS, registry
+from rlhfzoo.registry import DEFAULTS, KINDS, registry
 
 EXIT_USER_ERROR = 2
 
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="build a cached stage (a task's SFT policy, reward model, ...) with a progress bar")
     p.add_argument("name", help="a registered stage (`rlhfzoo list --kind stage`)")
-    p.add_argument("--task", default="sentiment", help="registered task (default: sentiment)")
+    p.add_argument("--task", default=DEFAULTS["task"], help=f"registered task (default: {DEFAULTS['task']})")
     p.add_argument("--set", action="append", metavar="task.KEY=VALUE", help="a task option (repeatable)")
     p.set_defaults(func=cmd_stage)
 

@@ -13,6 +13,8 @@ Each named section is validated against the registered plugin's own `Config` cla
 against `TrainConfig`. Every error is collected and reported at once, with its dotted path;
 unknown keys get a did-you-mean. A key given twice in one mapping is an error (plain YAML
 would silently keep the last), and so is a non-finite number (`.inf`, `.nan`) in any field.
+A plugin option that names another plugin (best-of-n's `base`) is a nested section, found and
+validated the same way (`rlhfzoo.sections`), its problems reported at their full path.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from pydantic import Field, ValidationError
 
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import PluginConfig
-from rlhfzoo.registry import Entry, RegistryError, UnknownNameError, registry
+from rlhfzoo.registry import DEFAULTS, Entry
+from rlhfzoo.sections import SectionError, explain, find_plugin
 
 
 class ConfigError(UserError):
@@ -84,7 +87,7 @@ class TrainConfig(PluginConfig):
 
 SECTIONS: dict[str, str] = {"task": "task", "policy": "policy", "algorithm": "objective", "reward": "reward_source"}
 REQUIRED_SECTIONS = ("task", "algorithm")
-DEFAULT_SECTIONS: dict[str, dict[str, Any]] = {"policy": {"name": "hf"}}
+DEFAULT_SECTIONS: dict[str, dict[str, Any]] = {"policy": {"name": DEFAULTS["policy"]}}
 TOP_LEVEL = (*SECTIONS, "train", "output_dir")
 
 
@@ -107,7 +110,7 @@ class Section:
 class RunConfig:
     task: Section
     policy: Section
-    algorithm: Section
+    algorithm: Section | None  # None only where `resolve(require=...)` allowed it (a policy evaluated as is)
     reward: Section | None
     train: TrainConfig
     output_dir: str
@@ -233,23 +236,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _pydantic_errors(err: ValidationError, prefix: str, model: type) -> list[tuple[str, str]]:
-    out = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            field_name = str(e["loc"][-1])
-            close = difflib.get_close_matches(field_name, list(model.model_fields), n=1, cutoff=0.6)
-            msg = f"unknown key {field_name!r}." + (f" Did you mean {close[0]!r}?" if close else "")
-            msg += f" Valid keys: {', '.join(model.model_fields)}."
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        elif e["type"] == "value_error":  # a plugin's own check: its message names the values
-            msg = str(e.get("ctx", {}).get("error", msg))
-        else:
-            msg = f"{msg} (got {e.get('input')!r})"
-        out.append((loc, msg))
-    return out
+    """(dotted path under `prefix`, message) of each error of validating `model` (see `explain`)."""
+    return [(".".join(str(p) for p in (prefix, *e["loc"]) if p != ""), explain(e, model)) for e in err.errors()]
 
 
 def _validate_model(model: type, values: dict[str, Any], prefix: str, errors: list) -> Any:
@@ -260,8 +248,9 @@ def _validate_model(model: type, values: dict[str, Any], prefix: str, errors: li
         return None
 
 
-def resolve(data: dict[str, Any], source: str | None = None) -> RunConfig:
-    """Validate a raw config mapping; raise ConfigError with every problem at once."""
+def resolve(data: dict[str, Any], source: str | None = None, require: tuple[str, ...] = REQUIRED_SECTIONS) -> RunConfig:
+    """Validate a raw config mapping; raise ConfigError with every problem at once. `require`: the
+    sections that must be there (a policy evaluated without training needs no `algorithm`)."""
     errors: list[tuple[str, str]] = []
     for key in data:
         if key not in TOP_LEVEL:
@@ -273,32 +262,21 @@ def resolve(data: dict[str, Any], source: str | None = None) -> RunConfig:
     for sec, kind in SECTIONS.items():
         raw = data.get(sec, DEFAULT_SECTIONS.get(sec))
         if raw is None:
-            if sec in REQUIRED_SECTIONS:
+            if sec in require:
                 errors.append((sec, f"required section is missing; add `{sec}: {{name: ...}}`"))
             sections[sec] = None
             continue
         if isinstance(raw, str):
             raw = {"name": raw}
-        if not isinstance(raw, dict):
-            errors.append((sec, f"must be a mapping with a `name`, got {type(raw).__name__}"))
-            sections[sec] = None
-            continue
-        options = {**DEFAULT_SECTIONS.get(sec, {}), **raw}
-        name = options.pop("name", None)
-        if not isinstance(name, str) or not name:
-            errors.append((f"{sec}.name", f"required: the registered name of the {kind.replace('_', ' ')} to use"))
-            sections[sec] = None
-            continue
+        if isinstance(raw, dict):  # what it does not give is the default section's (the policy's name)
+            raw = {**DEFAULT_SECTIONS.get(sec, {}), **raw}
         try:
-            entry = registry.get(kind, name)
-        except UnknownNameError as e:
-            errors.append((f"{sec}.name", str(e).replace("\n", " ")))
+            entry, options = find_plugin(kind, raw)
+        except SectionError as e:
+            errors.append((".".join(p for p in (sec, e.where) if p), e.message))
             sections[sec] = None
             continue
-        except RegistryError as e:
-            errors.append((f"{sec}.name", str(e)))
-            sections[sec] = None
-            continue
+        name = options.pop("name")
         cfg = _validate_model(entry.cls.Config, options, sec, errors)
         sections[sec] = Section(name, entry, cfg) if cfg is not None else None
 
@@ -334,8 +312,10 @@ def resolve(data: dict[str, Any], source: str | None = None) -> RunConfig:
     )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None, require: tuple[str, ...] = REQUIRED_SECTIONS
+) -> RunConfig:
     """Read a YAML config (or take `data`), apply dotted overrides, validate everything."""
     raw = read_yaml(path) if path is not None else dict(data or {})
     raw = apply_overrides(raw, overrides or [])
-    return resolve(raw, source=str(path) if path is not None else None)
+    return resolve(raw, source=str(path) if path is not None else None, require=require)

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 # Examples, batches and rollouts live in rlhfzoo.data.types; re-exported here beside the interfaces.
+from rlhfzoo.bench_protocol import BenchProtocol  # noqa: F401  (declared by objectives and policies)
 from rlhfzoo.data.types import (  # noqa: F401
     DataKind,
     DATA_KINDS,
@@ -80,11 +81,20 @@ class Policy(Plugin, ABC):
 
     `model` is the `torch.nn.Module` the optimiser updates (the trainer may wrap it for
     distributed training; `module` is always the unwrapped one).
+
+    Every policy samples (`generate`), scores tokens (`logprobs`), copies itself (`frozen_copy`)
+    and writes and reads its weights (`save`, `save_weights`, `load_weights`); `counters` needs no
+    code. The rest serves the objectives that ask for it, and raises NotImplementedError (naming
+    the policy) where a policy does not provide it: a scalar head (`with_value_head`, `values`),
+    the transformer under the LM head (`hidden_states`, `output_layer`, `transformer`), and extra
+    trainable modules an objective adds (`attach`, `attached`).
     """
 
     model: torch.nn.Module
     tokenizer: Any
-    benchmark: ClassVar[bool] = False  # True for inference-time methods benchmarked as rows (best-of-n)
+    # How `rlhfzoo bench` runs it as a row, for inference-time methods evaluated without training
+    # (best-of-n); None: not a bench row.
+    bench: ClassVar[BenchProtocol | None] = None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -92,6 +102,21 @@ class Policy(Plugin, ABC):
         while hasattr(m, "module") and isinstance(m.module, torch.nn.Module):
             m = m.module
         return m
+
+    @property
+    def counters(self) -> dict[str, float]:
+        """Work done, in units comparable across policies (`train_tokens` through training forwards,
+        `generated_tokens`, `reward_calls`, ...), for budgets. The trainer checkpoints and restores
+        it, and reports it in the run's summary. Empty until the policy counts something: a policy
+        assigns its own dict (`self.counters = {...}`) or overrides this with a property that
+        computes it (best-of-n)."""
+        if not hasattr(self, "_counters"):
+            self._counters: dict[str, float] = {}
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: dict[str, float]) -> None:
+        self._counters = value
 
     @abstractmethod
     def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
@@ -110,18 +135,34 @@ class Policy(Plugin, ABC):
 
     @abstractmethod
     def frozen_copy(self) -> "Policy":
-        """A copy with gradients off, for the reference policy."""
+        """A copy with gradients off, for the reference policy (attached modules included)."""
 
     @abstractmethod
     def save(self, path: str) -> None:
-        """Write weights (safetensors), config and tokenizer to a directory."""
+        """Write weights (safetensors), config and tokenizer to a directory, and each attached
+        module with the `save` function it was attached with."""
+
+    @abstractmethod
+    def save_weights(self, file: str) -> None:
+        """Write all the trainable weights, attached modules included, to one safetensors file (the
+        trainer's checkpoints); `load_weights` reads it back."""
 
     @abstractmethod
     def load_weights(self, path: str) -> None:
-        """Load weights written by `save` into this policy."""
+        """Load a file written by `save_weights` into this policy."""
 
     def parameters(self) -> Iterable[torch.nn.Parameter]:
         return self.model.parameters()
+
+    def kl_reference(self) -> "Policy":
+        """The policy whose distribution this one's KL is measured from: itself by default (a copy of
+        it before training), the base it samples from for an inference-time method (best-of-n)."""
+        return self
+
+    def analytic_kl(self) -> float:
+        """KL(self || kl_reference()) per response in closed form, for policies whose bench protocol
+        says `kl="analytic"`; the others have their KL estimated from samples."""
+        raise NotImplementedError(f"policy {self.name!r} has no closed-form KL")
 
     def sequence_logprobs(self, seq: SequenceBatch, average: bool = False) -> torch.Tensor:
         """Sum (or mean) of the response tokens' log-probs, per example: [B]."""
@@ -130,12 +171,64 @@ class Policy(Plugin, ABC):
         total = (lp * mask).sum(-1)
         return total / mask.sum(-1).clamp(min=1) if average else total
 
+    # The scalar head, for objectives that set `needs_value_head` ------------------------------
+    @classmethod
+    def with_value_head(cls, config: PluginConfig) -> PluginConfig:
+        """`config` (this policy's) with a scalar head added, the one `values` reads. The trainer
+        builds the policy from it when the objective sets `needs_value_head`."""
+        from rlhfzoo.errors import UserError  # the user picked a policy that cannot serve the objective
+
+        raise UserError(
+            f"policy {cls.name!r} has no value head; objective needs one. Train it with a policy that has one (e.g. `hf`)"
+        )
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The scalar head at every position [B, T] (float32): state values for actor-critic, the
+        reward at the last real token for a reward model. Computed through `model`'s forward (so
+        DDP synchronises its gradients) without the log-probs; needs a `with_value_head` config."""
+        raise NotImplementedError(f"policy {self.name!r} has no value head")
+
+    # The transformer under the LM head, for objectives with heads of their own (ILQL) ---------
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, T, H] of the policy's transformer, what `output_layer` maps to the
+        next token's logits; positions count real tokens only, so left padding does not shift
+        them. Computed on `module` (not through a distributed wrapper)."""
+        raise NotImplementedError(f"policy {self.name!r} does not expose its hidden states")
+
+    def output_layer(self) -> torch.nn.Module:
+        """The LM head, logits = h @ weight.T + bias: `.weight` [V, H] and `.bias` [V] or None."""
+        raise NotImplementedError(f"policy {self.name!r} does not expose its output layer")
+
+    def transformer(self) -> torch.nn.Module:
+        """The module that maps token ids to `hidden_states`: called as `transformer(input_ids=...,
+        attention_mask=..., position_ids=...)`, it returns them as `.last_hidden_state` (a
+        `transformers` base model). ILQL trains a copy of it as its value trunk."""
+        raise NotImplementedError(f"policy {self.name!r} does not expose its transformer")
+
+    # Extra trainable modules an objective adds in `Objective.setup` (ILQL's Q/V heads) -------
+    def attach(
+        self, name: str, module: torch.nn.Module, save: Callable[[torch.nn.Module, str], None] | None = None
+    ) -> torch.nn.Module:
+        """Make `module` part of this policy's `module` under `name`, before the trainer builds the
+        optimizer: it is then optimised, written by `save_weights` and read by `load_weights`,
+        copied by `frozen_copy`, and `save(dir)` also calls `save(module, dir)` when given. Returns
+        the module, moved to the policy's device; a name already in use is an error."""
+        raise NotImplementedError(f"policy {self.name!r} does not take attached modules")
+
+    def attached(self, name: str) -> torch.nn.Module | None:
+        """The module attached under `name`, or None."""
+        return None
+
 
 class RewardSource(Plugin, ABC):
     """Turns (prompt, response) texts into scalar rewards.
 
     Constructed as `cls(config, task=task)`; the task is there for sources that need it (gold).
     """
+
+    # True for a source that scores with the task's own gold reward: evaluations then report it as
+    # the gold figure only, not again as a proxy beside it.
+    is_gold: ClassVar[bool] = False
 
     def __init__(self, config: PluginConfig | None = None, task: "Task | None" = None):
         self.config = config if config is not None else self.Config()
@@ -187,18 +280,8 @@ class Objective(Plugin, ABC):
     needs_reference: ClassVar[bool] = False
     needs_reward: ClassVar[bool] = False
     needs_value_head: ClassVar[bool] = False
-    # Recommended `train:` settings (TrainConfig fields) for this objective on the embedded task:
-    # the budget `rlhfzoo bench` gives it, stated in optimizer steps and batch size.
-    train_defaults: ClassVar[dict[str, Any]] = {}
-    # Algorithm options the benchmark (and configs/<name>.yaml) use on the embedded task where
-    # they differ from the Config defaults (which follow the paper), e.g. DPO's beta.
-    algorithm_defaults: ClassVar[dict[str, Any]] = {}
-    # Whether `rlhfzoo bench` includes it by default (stages such as SFT and reward-model
-    # training set this to False).
-    benchmark: ClassVar[bool] = True
-    # False for objectives whose output is a scorer rather than a policy to sample from (reward
-    # models): `rlhfzoo bench` then reports their held-out figures (`evaluate`) without sampling.
-    trains_policy: ClassVar[bool] = True
+    # How `rlhfzoo bench` runs it as a row: budget, options, evaluation, KL knob (see BenchProtocol).
+    bench: ClassVar[BenchProtocol] = BenchProtocol()
 
     def __init__(self, config: PluginConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -301,6 +384,12 @@ class Task(Plugin, ABC):
     @property
     def has_gold_reward(self) -> bool:
         return type(self).gold_reward is not Task.gold_reward
+
+    def default_reward(self) -> dict[str, Any] | None:
+        """The reward section (`{name: ..., **options}`) online algorithms train against when the
+        user names none (`rlhfzoo bench` without `--reward`): e.g. the task's reward model. None: the
+        user must name one."""
+        return None
 
     def default_model_config(self) -> dict[str, Any]:
         """Options for a model trained from scratch on this task (architecture sizes)."""

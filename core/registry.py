@@ -55,6 +55,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "rlhfzoo.plugins.ilql",
 )
 
+# The only built-in names the rest of the core uses, by kind: the policy of a config without a
+# `policy` section (and the bench's baseline row), the task `--task` defaults to, and the reward
+# source `rlhfzoo.testing`'s contract checks score online objectives with (the task's own gold).
+DEFAULTS: dict[str, str] = {"policy": "hf", "task": "sentiment", "reward_source": "gold"}
+
 
 @dataclass(frozen=True)
 class Kind:

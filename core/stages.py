@@ -105,7 +105,8 @@ def needed(cfg: Any, task: Task) -> list[str]:
     for section in (cfg.task, cfg.policy, cfg.algorithm, cfg.reward):
         if section is not None:
             names += section.entry.cls.required_stages(section.config)
-    names += task.stages_for(cfg.algorithm.create().example_kind())
+    if cfg.algorithm is not None:  # None: a policy evaluated as is (a bench row of best-of-n)
+        names += task.stages_for(cfg.algorithm.create().example_kind())
     return list(dict.fromkeys(names))
 
 

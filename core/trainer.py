@@ -130,8 +130,8 @@ class Trainer:
         self.task: Task = cfg.task.create()
         self.objective: Objective = cfg.algorithm.create()
         policy_cfg = cfg.policy.config
-        if self.objective.needs_value_head and "value_head" in type(policy_cfg).model_fields:
-            policy_cfg = policy_cfg.model_copy(update={"value_head": True})
+        if self.objective.needs_value_head:
+            policy_cfg = cfg.policy.entry.cls.with_value_head(policy_cfg)
         self.policy: Policy = cfg.policy.entry.cls(policy_cfg, task=self.task)
         self.reward: CountingReward | None = CountingReward(cfg.reward.create(task=self.task)) if cfg.reward else None
         self.reference: Policy | None = self.policy.frozen_copy() if self.objective.needs_reference else None
@@ -261,12 +261,11 @@ class Trainer:
     def _process_state(self) -> dict[str, Any]:
         """What each process restores on resume: its RNG states and its budget counters."""
         calls = self.reward.calls if self.reward is not None else 0
-        return {"rng": checkpoint.rng_state(), "counters": dict(getattr(self.policy, "counters", {})), "reward_calls": calls}
+        return {"rng": checkpoint.rng_state(), "counters": dict(self.policy.counters), "reward_calls": calls}
 
     def _restore_process_state(self, state: dict[str, Any]) -> None:
         checkpoint.set_rng_state(state["rng"])
-        if hasattr(self.policy, "counters"):
-            self.policy.counters.update({k: int(v) for k, v in state["counters"].items()})
+        self.policy.counters.update({k: int(v) for k, v in state["counters"].items()})
         if self.reward is not None:
             self.reward.calls = int(state["reward_calls"])
 
@@ -385,7 +384,7 @@ class Trainer:
         t = self.accelerator.reduce(t, reduction="mean")
         return dict(zip(keys, t.tolist()))
 
-    def _reference_for_eval(self) -> Policy | None:
+    def reference_for_eval(self) -> Policy | None:
         if self.reference is None and self.objective.needs_reference:  # freed after caching: rebuild it
             self.reference = self.cfg.policy.create(task=self.task).frozen_copy()
         return self.reference
@@ -398,7 +397,7 @@ class Trainer:
             return {}
         self.policy.model.eval()
         n = min(self.train.eval_prompts, 64)
-        figures = evaluate(self.policy, self.task, self.reward, self._reference_for_eval(), n, seed=self.train.seed)
+        figures = evaluate(self.policy, self.task, self.reward, self.reference_for_eval(), n, seed=self.train.seed)
         self.policy.model.train()
         return {f"eval/{k}": v for k, v in figures.items() if k in ("gold", "proxy", "kl")}
 
@@ -413,7 +412,7 @@ class Trainer:
             own = (
                 self.objective.evaluate(
                     self.policy, self.task, reward=self.reward, seed=self.train.seed, n_prompts=self.train.eval_prompts,
-                    reference=self._reference_for_eval(), output_dir=str(self.out),
+                    reference=self.reference_for_eval(), output_dir=str(self.out),
                 )
                 if self.train.eval_prompts
                 else None
@@ -422,10 +421,10 @@ class Trainer:
                 summary["eval"] = own
             elif self.train.eval_prompts:
                 summary["eval"] = evaluate(
-                    self.policy, self.task, self.reward, self._reference_for_eval(), self.train.eval_prompts, seed=self.train.seed
+                    self.policy, self.task, self.reward, self.reference_for_eval(), self.train.eval_prompts, seed=self.train.seed
                 )
             summary["peak_rss_mb"] = peak_rss_mb()
-            summary["counters"] = dict(getattr(self.policy, "counters", {}))
+            summary["counters"] = dict(self.policy.counters)
             summary["reward_source"] = self.reward.metrics() if self.reward is not None else {}
             self.check_weights(f"before saving the final policy at step {self.step}")
             tmp = self.out / ".policy.tmp"

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from rlhfzoo import hookimpl
 from rlhfzoo.plugins.actor_critic import ActorCriticObjective, ExperienceConfig
-from rlhfzoo.interfaces import LossOutput
+from rlhfzoo.interfaces import BenchProtocol, LossOutput
 from rlhfzoo.ops import masked_mean
 
 
@@ -44,7 +44,7 @@ class A2C(ActorCriticObjective):
     paper = "Mnih et al. 2016, arXiv:1602.01783; Menick et al. 2022 (GopherCite), arXiv:2203.11147"
     Config = A2CConfig
     # One step per batch: larger batches (less gradient noise) and a higher learning rate than PPO.
-    train_defaults = {"steps": 30, "batch_size": 64, "lr": 1e-3}
+    bench = BenchProtocol(train={"steps": 30, "batch_size": 64, "lr": 1e-3}, kl_knob="kl_coef", kl_sweep=(0.03, 0.1, 0.3))
 
     def minibatches(self, experience, policy):
         yield self.groups(experience, torch.arange(len(experience)))  # one optimizer step per batch

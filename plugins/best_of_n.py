@@ -30,68 +30,26 @@ import sys
 from typing import Any, Sequence
 
 import torch
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field
 
 from rlhfzoo import hookimpl, stages
+from rlhfzoo.config import read_yaml, resolve
 from rlhfzoo.evaluation import evaluate
-from rlhfzoo.interfaces import PluginConfig, Policy, RewardSource, Rollout
-from rlhfzoo.registry import registry
-
-
-def _section(value: Any, what: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
-        raise ValueError(f"{what} must be a mapping with a `name` (e.g. {{name: hf, init: sft}}), got {value!r}")
-    return dict(value)
+from rlhfzoo.interfaces import BenchProtocol, PluginConfig, Policy, RewardSource, Rollout
+from rlhfzoo.sections import PolicySection, RewardSourceSection
 
 
 class BestOfNConfig(PluginConfig):
     n: int = Field(16, ge=1, description="N: responses sampled per prompt; the highest-scoring one is returned.")
-    base: dict[str, Any] = Field(
-        default_factory=lambda: {"name": "hf", "init": "sft"},
+    base: PolicySection = Field(
+        default_factory=lambda: {"name": "hf", "init": "sft"}, validate_default=True,
         description="The policy that samples the candidates: a policy section, `{name: ..., <its options>}`.",
     )
-    reward: dict[str, Any] = Field(
-        default_factory=lambda: {"name": "gold"},
+    reward: RewardSourceSection = Field(
+        default_factory=lambda: {"name": "gold"}, validate_default=True,
         description="The reward source that picks the best candidate: a reward section, `{name: ..., <its options>}`.",
     )
     chunk_size: int = Field(1024, ge=1, description="Most candidates generated per call of the base policy (rounded to whole prompts).")
-
-    @field_validator("base")
-    @classmethod
-    def _check_base(cls, v):
-        return _section(v, "best-of-n `base`")
-
-    @field_validator("reward")
-    @classmethod
-    def _check_reward(cls, v):
-        return _section(v, "best-of-n `reward`")
-
-
-def section_config(kind: str, section: dict[str, Any], where: str) -> tuple[type, PluginConfig]:
-    """The registered class and validated config of a `{name: ..., options}` section."""
-    options = dict(section)
-    name = options.pop("name")
-    entry = registry.get(kind, name)
-    try:
-        return entry.cls, entry.cls.Config(**options)
-    except ValidationError as e:
-        problems = "; ".join(f"{where}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"invalid {kind.replace('_', ' ')} config for {name!r}: {problems}") from None
-
-
-def build_plugin(kind: str, section: dict[str, Any], where: str, **kwargs: Any) -> Any:
-    """Instantiate a registered plugin from `{name: ..., options}`, with a validated config."""
-    cls, config = section_config(kind, section, where)
-    return cls(config, **kwargs)
-
-
-def section_stages(kind: str, section: dict[str, Any], where: str) -> list[str]:
-    """The stages the plugin of a `{name: ..., options}` section reads."""
-    cls, config = section_config(kind, section, where)
-    return cls.required_stages(config)
 
 
 def concat_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
@@ -132,18 +90,19 @@ class BestOfN(Policy):
     summary = "Best-of-N sampling: N samples of a base policy per prompt, the reward source's favourite returned. No training."
     paper = "Nakano et al. 2021, arXiv:2112.09332; Gao et al. 2022, arXiv:2210.10760"
     Config = BestOfNConfig
-    benchmark = True  # a row of `rlhfzoo bench`, evaluated without training
+    # A row of `rlhfzoo bench`, evaluated without training: N samples of the baseline, chosen by the row's reward.
+    bench = BenchProtocol(kl="analytic", kl_knob="n", kl_sweep=(4, 16, 64), base_option="base", reward_option="reward")
 
     @classmethod
     def required_stages(cls, config: BestOfNConfig) -> list[str]:
         """What the base policy and the reward source read."""
-        return section_stages("policy", config.base, "policy.base") + section_stages("reward_source", config.reward, "policy.reward")
+        return config.base.required_stages() + config.reward.required_stages()
 
     def __init__(self, config: BestOfNConfig | None = None, task: Any = None, base: Policy | None = None, reward: RewardSource | None = None):
         self.config = config or BestOfNConfig()
         self.task = task
-        self.base: Policy = base if base is not None else build_plugin("policy", self.config.base, "policy.base", task=task)
-        self.reward: RewardSource = reward if reward is not None else build_plugin("reward_source", self.config.reward, "policy.reward", task=task)
+        self.base: Policy = base if base is not None else self.config.base.create(task=task)
+        self.reward: RewardSource = reward if reward is not None else self.config.reward.create(task=task)
         self.reward_calls = 0
         self.last_scores: torch.Tensor | None = None  # the winners' scores of the last `generate`
 
@@ -209,6 +168,10 @@ class BestOfN(Policy):
         """Work done (the base policy's token counters) plus the reward calls made choosing."""
         return {**getattr(self.base, "counters", {}), "reward_calls": float(self.reward_calls)}
 
+    def kl_reference(self) -> Policy:
+        """KL is measured from the base policy the N samples come from."""
+        return self.base
+
     def analytic_kl(self) -> float:
         """KL(best-of-N || base) = log N - (N - 1) / N (exact for continuous rewards without ties)."""
         n = self.config.n
@@ -218,20 +181,18 @@ class BestOfN(Policy):
 def evaluate_config(data: dict[str, Any] | str, n_prompts: int | None = None, seed: int | None = None) -> dict[str, float]:
     """Build `task` and `policy` (and optionally `reward`: the proxy reported beside gold) from a
     mapping or YAML file, the stages they read first, and run `rlhfzoo.evaluation.evaluate` on the
-    task's held-out prompts."""
+    task's held-out prompts (`evaluate: {n_prompts, seed}` in the file, or the arguments)."""
+    source = None
     if isinstance(data, (str, os.PathLike)):
-        with open(data) as f:
-            data = yaml.safe_load(f)
-    task = build_plugin("task", _section(data.get("task"), "task"), "task")
-    policy_section = _section(data.get("policy"), "policy")
-    reward_section = _section(data["reward"], "reward") if data.get("reward") else None
-    needed = section_stages("policy", policy_section, "policy")
-    needed += section_stages("reward_source", reward_section, "reward") if reward_section else []
-    for name in dict.fromkeys(needed):
+        source, data = str(data), read_yaml(data)
+    data = dict(data)
+    ev = data.pop("evaluate", None) or {}
+    cfg = resolve(data, source=source, require=("task",))  # a policy evaluated as is: no algorithm
+    task = cfg.task.create()
+    for name in stages.needed(cfg, task):
         stages.build(name, task)
-    policy = build_plugin("policy", policy_section, "policy", task=task)
-    reward = build_plugin("reward_source", reward_section, "reward", task=task) if reward_section else None
-    ev = data.get("evaluate", {}) or {}
+    policy = cfg.policy.create(task=task)
+    reward = cfg.reward.create(task=task) if cfg.reward is not None else None
     n_prompts = n_prompts if n_prompts is not None else int(ev.get("n_prompts", 200))
     seed = seed if seed is not None else int(ev.get("seed", 0))
     return evaluate(policy, task, reward=reward, n_prompts=n_prompts, seed=seed)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import LossOutput
+from rlhfzoo.interfaces import BenchProtocol, LossOutput
 from rlhfzoo.plugins._preference import PairedObjective, PreferenceConfig
 
 
@@ -51,8 +51,10 @@ class DPO(PairedObjective):
     # The budget of `rlhfzoo bench` and configs/dpo.yaml on `sentiment`. Measured 2026-11-22 (400
     # held-out prompts, SFT -0.050 +- 0.025): beta 0.3 -> +0.069 (+3.5 SE), grammatical 0.96;
     # beta 0.1 -> -0.139 (grammatical 0.72: the rejected log-probs pushed down without bound).
-    train_defaults = {"steps": 80, "batch_size": 32, "lr": 3e-4, "warmup_steps": 10}
-    algorithm_defaults = {"beta": 0.3}
+    bench = BenchProtocol(
+        train={"steps": 80, "batch_size": 32, "lr": 3e-4, "warmup_steps": 10}, options={"beta": 0.3},
+        pair_accuracy=("implicit_reward_accuracy", "implicit_reward_pairs"), kl_knob="beta", kl_sweep=(0.1, 0.3, 1.0),
+    )
 
     class Config(PreferenceConfig):
         beta: float = Field(0.1, gt=0, description="Inverse temperature beta: strength of the implicit KL penalty to the reference (higher: stay closer).")

@@ -10,6 +10,7 @@ class GoldReward(RewardSource):
     name = "gold"
     summary = "The task's own programmatic reward (e.g. `sentiment`'s gold reward); for evaluation and oracle runs."
     paper = "Gao et al. 2022, arXiv:2210.10760"
+    is_gold = True  # evaluations report it as the gold figure, not again as a proxy
 
     def __init__(self, config=None, task=None):
         super().__init__(config, task)

@@ -201,6 +201,10 @@ class HHTask(Task):
                 self._tokenizer = train_bpe_tokenizer(texts, vocab_size=self.config.vocab_size)
         return self._tokenizer
 
+    def default_reward(self) -> dict[str, Any]:
+        """Online algorithms train against the task's cached reward model (the `reward-model` stage)."""
+        return {"name": "reward-model", "path": "auto"}
+
     def default_model_config(self) -> dict[str, Any]:
         """A small GPT-2 for training from scratch on this task."""
         return {"arch": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256}

@@ -25,16 +25,15 @@ perturbed policy) samples from
 
     log pi(a|s) + beta * (min_j Q'_j(s, a) - V(s))
 
-with the `ilql` policy plugin below; beta = 0 is the base LM. The targets are updated after each
-optimizer step, theta' <- (1 - alpha) theta' + alpha theta (`after_step`, which the trainer
-calls after every optimizer step).
+with the `ilql` policy (`rlhfzoo.plugins.ilql_policy`, registered here); beta = 0 is the base LM.
+The targets are updated after each optimizer step, theta' <- (1 - alpha) theta' + alpha theta
+(`after_step`, which the trainer calls after every optimizer step).
 
-Decoding runs the LM and the value trunk side by side, each with its own KV cache.
-
-The heads (with the trunk) are attached to the policy's module as `policy.module.ilql_heads` by `setup`, before the
-optimizer is built, so they are trained, checkpointed (`policy.save_weights`) and copied with it; the final
-`policy.save(dir)` also writes `ilql_heads.safetensors` + `ilql_heads.json` beside the LM, which
-`{name: ilql, path: <run>/policy}` loads.
+The objective reaches the policy only through the `Policy` interface: `setup` attaches the heads
+(with the trunk, a copy of `policy.transformer()`) as `ilql_heads` (`Policy.attach`), before the
+optimizer is built, so they are trained, checkpointed (`policy.save_weights`) and copied with it;
+the final `policy.save(dir)` also writes `ilql_heads.safetensors` + `ilql_heads.json` beside the LM
+(`save_heads`), which `{name: ilql, path: <run>/policy}` loads.
 """
 
 from __future__ import annotations
@@ -47,14 +46,12 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from rlhfzoo import hookimpl, kernels
-from rlhfzoo.data.collate import pad, prompt_ids
-from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, RewardedExample, Rollout
-from rlhfzoo.policy import HFPolicy, HFPolicyConfig, build_rollout
+from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfig, Policy, RewardedExample
 
+HEADS_NAME = "ilql_heads"  # the heads' name among the policy's attached modules (and their weights' prefix)
 HEADS_FILE = "ilql_heads.safetensors"
 HEADS_META = "ilql_heads.json"
 
@@ -106,7 +103,7 @@ class ILQLHeads(torch.nn.Module):
         """The hidden states the heads read: the trunk's when there is one, else `lm_hidden`."""
         if self.trunk is None:
             return lm_hidden
-        return _run(self.trunk, input_ids, attention_mask)[0]
+        return run_transformer(self.trunk, input_ids, attention_mask)[0]
 
     def qs(self, h: torch.Tensor) -> list[torch.Tensor]:
         return [q(h) for q in self.q]
@@ -222,20 +219,13 @@ def check_rewarded(data: Sequence[Any]) -> None:
 # ------------------------------------------------------------------------------------ heads <-> policy
 
 
-def _hidden_size(lm: torch.nn.Module) -> int:
-    c = lm.config
-    return c.hidden_size if hasattr(c, "hidden_size") else c.n_embd
-
-
-def _vocab_size(lm: torch.nn.Module) -> int:
-    return lm.get_output_embeddings().weight.shape[0]
-
-
-def heads_of(policy: Any) -> ILQLHeads | None:
-    return getattr(policy.module, "ilql_heads", None)
+def heads_of(policy: Policy) -> ILQLHeads | None:
+    """The ILQL heads attached to `policy`, or None."""
+    return policy.attached(HEADS_NAME)
 
 
 def save_heads(heads: ILQLHeads, path: str | os.PathLike) -> None:
+    """Write `heads` (weights and the sizes that rebuild them) into the directory `path`."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -243,8 +233,9 @@ def save_heads(heads: ILQLHeads, path: str | os.PathLike) -> None:
     Path(path, HEADS_META).write_text(json.dumps(heads.meta))
 
 
-def load_heads(path: str | os.PathLike, lm: torch.nn.Module) -> ILQLHeads:
-    """The heads saved in `path`; `lm` (the causal LM they were trained on) gives the value trunk's architecture."""
+def load_heads(path: str | os.PathLike, transformer: torch.nn.Module) -> ILQLHeads:
+    """The heads saved in `path`; `transformer` (that of the LM they were trained on) gives the
+    value trunk's architecture."""
     from safetensors.torch import load_file
 
     meta_file, file = Path(path, HEADS_META), Path(path, HEADS_FILE)
@@ -252,23 +243,20 @@ def load_heads(path: str | os.PathLike, lm: torch.nn.Module) -> ILQLHeads:
         raise ValueError(f"ilql policy: {path} has no {HEADS_FILE} / {HEADS_META}; give the `policy/` directory of a run trained with algorithm ilql")
     meta = json.loads(meta_file.read_text())
     separate = meta.pop("separate_trunk", False)
-    heads = ILQLHeads(**meta, trunk=copy.deepcopy(lm.base_model) if separate else None)
+    heads = ILQLHeads(**meta, trunk=copy.deepcopy(transformer) if separate else None)
     heads.load_state_dict(load_file(str(file)))
     return heads
 
 
-def _run(transformer: torch.nn.Module, input_ids, attention_mask, position_ids=None, past=None, use_cache: bool = False):
-    """(last hidden states, KV cache) of a transformer (an LM's `base_model`); positions count real tokens only."""
+def run_transformer(transformer: torch.nn.Module, input_ids, attention_mask, position_ids=None, past=None, use_cache: bool = False):
+    """(last hidden states, KV cache) of a transformer (`Policy.transformer()` or a copy of it);
+    positions count real tokens only, as in `Policy.hidden_states`."""
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = transformer(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past, use_cache=use_cache
     )
     return out.last_hidden_state, out.past_key_values
-
-
-def _hidden(module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return _run(module.lm.base_model, input_ids, attention_mask)[0]
 
 
 # ------------------------------------------------------------------------------------ the objective
@@ -320,7 +308,7 @@ class ILQL(Objective):
     paper = "Snell et al. 2022, arXiv:2206.11871"
     data_kind = "rewarded"
     Config = ILQLConfig
-    train_defaults = {"steps": 400, "batch_size": 32, "lr": 3e-3}
+    bench = BenchProtocol(train={"steps": 400, "batch_size": 32, "lr": 3e-3}, kl_knob="beta", kl_sweep=(1.0, 4.0, 8.0))
 
     def __init__(self, config: ILQLConfig | None = None):
         super().__init__(config)
@@ -440,173 +428,6 @@ class ILQL(Objective):
         figures = evaluate(self.decoder(policy), task, context.get("reward"), context.get("reference"), n, seed=context.get("seed", 0))
         figures["beta"] = float(self.config.beta)
         return figures
-
-
-# ------------------------------------------------------------------------------------ the decoding policy
-
-
-class ILQLPolicyConfig(HFPolicyConfig):
-    path: str | None = Field(
-        None,
-        description="A trained ILQL policy: the `policy/` directory of an ilql run (or the run directory), holding "
-        "ilql_heads.safetensors. Null: `init` gives the LM and the heads come from training with algorithm ilql.",
-    )
-    beta: float = Field(8.0, ge=0, description="Advantage weight: sample from log pi(a|s) + beta (Q(s,a) - V(s)); 0: the base LM.")
-    top_k: int = Field(0, ge=0, description="Sample among the k tokens with the highest perturbed score (0: all).")
-    base_top_p: float = Field(
-        1.0, gt=0, le=1,
-        description="Support constraint: only tokens in the base LM's nucleus of this mass can be sampled, then "
-        "reweighted by the advantage (1: off). Keeps decoding where the data put Q's training signal; Q of "
-        "tokens the data never took is an extrapolation.",
-    )
-
-
-def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """[..., V] bool: the smallest set of most likely tokens of softmax(scores) holding mass >= top_p."""
-    probs = scores.softmax(-1)
-    sorted_p, idx = probs.sort(-1, descending=True)
-    keep_sorted = sorted_p.cumsum(-1) - sorted_p < top_p  # the mass before this token is short of top_p
-    return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
-
-
-class ILQLPolicy(HFPolicy):
-    """The base LM perturbed by the ILQL advantage at every decoding step."""
-
-    name = "ilql"
-    aliases = ()
-    summary = "ILQL decoding: sample from log pi(a|s) + beta (min Q'(s,a) - V(s)) with a trained ILQL run's heads."
-    paper = "Snell et al. 2022, arXiv:2206.11871"
-    benchmark = False
-    Config = ILQLPolicyConfig
-
-    def __init__(self, config: ILQLPolicyConfig | None = None, task: Any = None, model: torch.nn.Module | None = None, tokenizer: Any = None):
-        config = config or ILQLPolicyConfig()
-        path = None
-        if config.path is not None and model is None:
-            path = Path(config.path)
-            if (path / "policy" / HEADS_FILE).exists():
-                path = path / "policy"
-            if not (path / HEADS_FILE).exists():
-                raise ValueError(
-                    f"ilql policy: no {HEADS_FILE} in {config.path}; give the `policy/` directory (or the run directory) of a run "
-                    "trained with `algorithm: {name: ilql}`"
-                )
-            config = config.model_copy(update={"init": str(path)})
-        super().__init__(config, task=task, model=model, tokenizer=tokenizer)
-        if path is not None:
-            self.module.ilql_heads = load_heads(path, self.module.lm)
-
-    @classmethod
-    def wrap(cls, policy: HFPolicy, beta: float, top_k: int = 0, base_top_p: float = 1.0) -> "ILQLPolicy":
-        """A decoding view of a trained policy (shares its module and tokenizer)."""
-        cfg = ILQLPolicyConfig(**{**policy.config.model_dump(), "beta": beta, "top_k": top_k, "base_top_p": base_top_p})
-        view = cls(cfg, task=policy.task, model=policy.module, tokenizer=policy.tokenizer)
-        view.counters = policy.counters
-        return view
-
-    @property
-    def heads(self) -> ILQLHeads:
-        heads = heads_of(self)
-        if heads is None:
-            raise RuntimeError("ilql policy: no ILQL heads; set `path:` to a trained ilql run, or train with algorithm ilql")
-        return heads
-
-    def save(self, path: str) -> None:
-        super().save(path)
-        if heads_of(self) is not None:
-            save_heads(self.heads, path)
-
-    # ---------------------------------------------------------------------------- decoding
-    def _scores(self, h: torch.Tensor, hv: torch.Tensor, cfg: ILQLPolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """(perturbed scores, base log-probs) [B, V] of the next token from the LM's last hidden
-        states h [B, H] and those the heads read, hv (the value trunk's, or h itself)."""
-        head = self.module.lm.get_output_embeddings()
-        logits = F.linear(h, head.weight, head.bias).float()
-        logp = torch.log_softmax(logits / cfg.temperature, -1)
-        scores = logp if cfg.beta == 0 else logp + cfg.beta * self.heads.advantage(hv).float()
-        if cfg.base_top_p < 1.0:
-            scores = scores.masked_fill(~nucleus(logp, cfg.base_top_p), float("-inf"))
-        return scores, logp
-
-    @staticmethod
-    def _filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-        if top_k and top_k < scores.shape[-1]:
-            kth = scores.topk(top_k, -1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if top_p < 1.0:
-            scores = scores.masked_fill(~nucleus(scores, top_p), float("-inf"))
-        return scores
-
-    @torch.no_grad()
-    def decode(self, ids: torch.Tensor, attn: torch.Tensor, cfg: ILQLPolicyConfig, forced: torch.Tensor | None = None):
-        """Token-by-token decoding with the base LM's KV cache from left-padded prompts.
-
-        Returns (generated tokens [B, L], per-step normalised perturbed log-probs [B, L, V]
-        when `forced` is given (teacher forcing, for tests) else None, and the log-prob of each
-        generated token under the distribution it was drawn from [B, L])."""
-        lm = self.module.lm
-        device = next(lm.parameters()).device
-        ids, attn = ids.to(device), attn.to(device)
-        eos, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        steps = forced.shape[1] if forced is not None else cfg.max_new_tokens
-        # The LM and, when the heads have their own, the value trunk step in lockstep, each with its KV cache.
-        trunk = self.heads.trunk if cfg.beta != 0 else None
-        h, past = _run(lm.base_model, ids, attn, use_cache=True)
-        hv, past_v = _run(trunk, ids, attn, use_cache=True) if trunk is not None else (h, None)
-        h, hv = h[:, -1], hv[:, -1]
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-        tokens, dists, chosen = [], [], []
-        for t in range(steps):
-            scores, _ = self._scores(h, hv, cfg)
-            logp = torch.log_softmax(self._filter(scores, cfg.top_k, cfg.top_p), -1)
-            if forced is not None:
-                dists.append(logp)
-                nxt = forced[:, t].to(device)
-            else:
-                nxt = torch.multinomial(logp.exp(), 1).squeeze(-1)
-            chosen.append(logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(finished, 0.0))
-            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-            tokens.append(nxt)
-            finished |= nxt == eos
-            if t == steps - 1 or (forced is None and bool(finished.all())):
-                break
-            pos = attn.long().sum(-1, keepdim=True)  # real tokens so far = position of the new token
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            h, past = _run(lm.base_model, nxt[:, None], attn, pos, past, use_cache=True)
-            hv, past_v = _run(trunk, nxt[:, None], attn, pos, past_v, use_cache=True) if trunk is not None else (h, None)
-            h, hv = h[:, -1], hv[:, -1]
-        gen = torch.stack(tokens, 1)
-        return gen, (torch.stack(dists, 1) if forced is not None else None), torch.stack(chosen, 1)
-
-    def encode_prompts(self, prompts: Sequence[str], cfg: ILQLPolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = [prompt_ids(self.tokenizer, p)[-(cfg.max_length - cfg.max_new_tokens):] for p in prompts]
-        return pad(encoded, self.tokenizer.pad_token_id, side="left"), pad([[1] * len(e) for e in encoded], 0, side="left")
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
-        cfg = self.config.model_copy(update=sampling) if sampling else self.config
-        tok = self.tokenizer
-        ids, attn = self.encode_prompts(prompts, cfg)
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            gen, _, chosen = self.decode(ids, attn, cfg)
-        finally:
-            self.module.train(was_training)
-        rollout = build_rollout(self, prompts, ids, attn, gen)
-        # Log-probs of the decoding policy itself (perturbed, filtered), not of the base LM that
-        # build_rollout recomputes: KL to a reference is then the KL of what was sampled.
-        P = ids.shape[1]
-        own = torch.zeros_like(rollout.logprobs)
-        own[:, P - 1 : P - 1 + chosen.shape[1]] = chosen.float().cpu()
-        rollout.logprobs = own * rollout.response_mask[:, 1:]
-        return rollout
-
-    def frozen_copy(self) -> "ILQLPolicy":
-        module = copy.deepcopy(self.module)
-        module.requires_grad_(False)
-        module.eval()
-        return ILQLPolicy(self.config, task=self.task, model=module, tokenizer=self.tokenizer)
 
 
 @hookimpl

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import LossOutput
+from rlhfzoo.interfaces import BenchProtocol, LossOutput
 from rlhfzoo.plugins._preference import PairedObjective, PreferenceConfig
 
 
@@ -47,7 +47,10 @@ class IPO(PairedObjective):
     # +0.055 / +0.084 / +0.051 (KL 0.05-0.07); summed log-probs, tau 0.05, lr 3e-4 constant +0.087 /
     # +0.070 / +0.084; lr 5e-4 or 240 steps break grammar (gold below SFT). DPO, same runs: +0.120 /
     # +0.082 / +0.091.
-    train_defaults = {"steps": 80, "batch_size": 32, "lr": 2e-4, "warmup_steps": 10, "lr_schedule": "constant"}
+    bench = BenchProtocol(
+        train={"steps": 80, "batch_size": 32, "lr": 2e-4, "warmup_steps": 10, "lr_schedule": "constant"},
+        pair_accuracy=("implicit_reward_accuracy", "implicit_reward_pairs"), kl_knob="tau", kl_sweep=(0.03, 0.1, 0.3),
+    )
 
     class Config(PreferenceConfig):
         tau: float = Field(0.1, gt=0, description="Regularisation strength tau: the log-ratio gap is regressed onto 1/(2 tau) (higher: stay closer to the reference).")

@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import LossOutput, Objective, UnpairedExample
+from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, UnpairedExample
 from rlhfzoo.ops import masked_mean
 from rlhfzoo.plugins._preference import ImplicitRewardEvaluation, PreferenceConfig, ReferenceCache, reference_logprobs, response_tokens
 
@@ -78,8 +78,10 @@ class KTO(ImplicitRewardEvaluation, Objective):
     needs_reference = True
     # The budget of `rlhfzoo bench` and configs/kto.yaml on `sentiment`. Measured 2026-11-22 (400
     # held-out prompts, SFT -0.050 +- 0.025): 160 steps -> +0.082 (+3.5 SE), 120 -> +3.2 SE, 80 -> +2.7 SE.
-    train_defaults = {"steps": 160, "batch_size": 32, "lr": 3e-4, "warmup_steps": 10, "lr_schedule": "cosine"}
-    algorithm_defaults = {"beta": 0.3}
+    bench = BenchProtocol(
+        train={"steps": 160, "batch_size": 32, "lr": 3e-4, "warmup_steps": 10, "lr_schedule": "cosine"}, options={"beta": 0.3},
+        pair_accuracy=("implicit_reward_accuracy", "implicit_reward_pairs"), kl_knob="beta", kl_sweep=(0.1, 0.3, 1.0),
+    )
 
     class Config(PreferenceConfig):
         beta: float = Field(0.1, gt=0, description="Inverse temperature beta of the value function (higher: stay closer to the reference).")

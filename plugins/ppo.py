@@ -24,7 +24,7 @@ from pydantic import Field
 
 from rlhfzoo import hookimpl
 from rlhfzoo.plugins.actor_critic import ActorCriticObjective, ExperienceConfig
-from rlhfzoo.interfaces import LossOutput
+from rlhfzoo.interfaces import BenchProtocol, LossOutput
 from rlhfzoo.ops import AdaptiveKLController, FixedKLController, apply_mask, masked_mean
 
 
@@ -57,7 +57,7 @@ class PPOClip(ActorCriticObjective):
     paper = "Schulman et al. 2017, arXiv:1707.06347; Ziegler et al. 2019, arXiv:1909.08593"
     Config = PPOConfig
     # The budget of `rlhfzoo bench` and configs/ppo.yaml on `sentiment`: ~25 s on two CPU cores.
-    train_defaults = {"steps": 20, "batch_size": 32, "lr": 5e-4}
+    bench = BenchProtocol(train={"steps": 20, "batch_size": 32, "lr": 5e-4}, kl_knob="kl_target", kl_sweep=(2.0, 6.0, 12.0))
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from rlhfzoo import hookimpl, kernels
 from rlhfzoo.plugins.actor_critic import ActorCriticObjective, ExperienceConfig
-from rlhfzoo.interfaces import LossOutput
+from rlhfzoo.interfaces import BenchProtocol, LossOutput
 from rlhfzoo.ops import masked_mean
 
 
@@ -58,7 +58,7 @@ class PPOPenalty(ActorCriticObjective):
     summary = "PPO with an adaptive KL(pi_old || pi) penalty in the loss instead of ratio clipping (Eq. 8)."
     paper = "Schulman et al. 2017, arXiv:1707.06347"
     Config = PPOPenaltyConfig
-    train_defaults = {"steps": 20, "batch_size": 32, "lr": 5e-4}
+    bench = BenchProtocol(train={"steps": 20, "batch_size": 32, "lr": 5e-4}, kl_knob="kl_coef", kl_sweep=(0.03, 0.1, 0.3))
 
     def __init__(self, config=None):
         super().__init__(config)

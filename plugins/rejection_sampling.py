@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import Batch, LossOutput, Objective, PluginConfig, SequenceBatch
+from rlhfzoo.interfaces import BenchProtocol, Batch, LossOutput, Objective, PluginConfig, SequenceBatch
 from rlhfzoo.ops import response_nll
 
 
@@ -48,7 +48,7 @@ class RejectionSampling(Objective):
     data_kind = "prompts"
     needs_reward = True
     Config = RejectionSamplingConfig
-    train_defaults = {"steps": 10, "batch_size": 32, "lr": 1e-3}  # 8 samples x 32 prompts per iteration
+    bench = BenchProtocol(train={"steps": 10, "batch_size": 32, "lr": 1e-3}, kl_knob="n_samples", kl_sweep=(2, 8, 32))  # 8 x 32 prompts per iteration
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -54,7 +54,8 @@ from pydantic import Field, field_validator, model_validator
 
 from rlhfzoo import hookimpl, stages
 from rlhfzoo.config import load_config
-from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, RewardSource, Stage
+from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfig, RewardSource, Stage
+from rlhfzoo.ops import RunningMoments
 from rlhfzoo.plugins._preference import concat, identical
 from rlhfzoo.plugins.reward_eval import evaluate_reward_model
 from rlhfzoo.plugins.reward_heads import RewardModel, reward_model_problem, sequence_rewards
@@ -153,10 +154,12 @@ class BradleyTerry(Objective):
     paper = "Ouyang et al. 2022, arXiv:2203.02155 Eq. 1; Touvron et al. 2023, arXiv:2307.09288 Eq. 2; Song et al. 2023, arXiv:2305.17608"
     data_kind = "pairs"
     needs_value_head = True
-    trains_policy = False
     # The train recipe of the task's cached reward model (the `reward-model` stage) and configs/reward_model.yaml
     # (which, like the cached stage, also trains on K-wise rankings; the bench row uses pairs, which every task has).
-    train_defaults = {"steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"}
+    bench = BenchProtocol(
+        evaluation="scorer", pair_accuracy=("accuracy", "n_pairs"),
+        train={"steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"},
+    )
     Config = BradleyTerryConfig
 
     def __init__(self, config=None):
@@ -204,8 +207,10 @@ class RewardRegression(Objective):
     paper = "Ouyang et al. 2022, arXiv:2203.02155 (reward model); regression on ratings"
     data_kind = "rewarded"
     needs_value_head = True
-    trains_policy = False
-    train_defaults = {"steps": 200, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"}  # as configs/
+    bench = BenchProtocol(
+        evaluation="scorer", pair_accuracy=("accuracy", "n_pairs"),
+        train={"steps": 200, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"},  # as configs/
+    )
 
     class Config(PluginConfig):
         eval_examples: int = Field(2000, ge=1, description="Held-out rated examples (and pairs, where the task has them) scored at the end.")
@@ -259,29 +264,6 @@ class RewardModelSourceConfig(PluginConfig):
         return value
 
 
-class RunningMoments:
-    """Count, mean and variance of a stream of values (Chan et al. parallel update, float64)."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.double()
-        n = x.numel()
-        if n == 0:
-            return
-        mean_b, m2_b = x.mean().item(), ((x - x.mean()) ** 2).sum().item()
-        total = self.count + n
-        delta = mean_b - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2_b + delta**2 * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
-
-
 class RewardModelSource(RewardSource):
     name = "reward-model"
     summary = "A trained reward model (scalar head on a causal LM) with its own tokenizer; optional normalisation and clipping."
@@ -304,7 +286,7 @@ class RewardModelSource(RewardSource):
             path = Path(c.path).expanduser()
         self.path = Path(path)
         self.model = RewardModel.load(self.path, device=c.device, batch_size=c.batch_size, max_length=c.max_length)
-        self.moments = RunningMoments()
+        self.moments = RunningMoments(unbiased=False)  # the population std: (r - mean) / std over all rewards so far
         self.calls = self.clipped = 0
 
     def score(self, prompts, responses) -> torch.Tensor:

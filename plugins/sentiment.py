@@ -274,6 +274,10 @@ class SentimentTask(Task):
             padding_side=padding_side, clean_up_tokenization_spaces=False,
         )
 
+    def default_reward(self) -> dict[str, Any]:
+        """Online algorithms train against the task's cached reward model (the `reward-model` stage)."""
+        return {"name": "reward-model", "path": "auto"}
+
     def default_model_config(self) -> dict[str, Any]:
         # Reviews are <= ~35 tokens, judge prompt + critique <= ~60 with 32 generated tokens.
         return {"arch": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 96}

@@ -23,7 +23,7 @@ from pydantic import Field
 from rlhfzoo import hookimpl
 from rlhfzoo.config import load_config
 from rlhfzoo.evaluation import evaluate
-from rlhfzoo.interfaces import LossOutput, Objective, PluginConfig, Stage
+from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfig, Stage
 from rlhfzoo.trainer import Trainer
 
 REPORT_FILE = "sft_report.json"  # held-out figures of the stage's policy, beside its weights
@@ -41,7 +41,7 @@ class SFT(Objective):
     summary = "Supervised fine-tuning: NLL on response tokens, prompt tokens masked."
     paper = "Ouyang et al. 2022, arXiv:2203.02155"
     data_kind = "demonstrations"
-    benchmark = False  # the baseline every benchmark row starts from
+    bench = BenchProtocol(contender=False)  # the baseline every bench row starts from
     Config = SFTConfig
 
     def example_kind(self) -> str:

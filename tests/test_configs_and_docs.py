@@ -19,8 +19,8 @@ def test_every_config_validates(path):
         cfg = load_config(path)
     else:  # an inference-time policy (best-of-n): evaluated, not trained
         raw.pop("evaluate", None)
-        cfg = load_config(data={**raw, "algorithm": {"name": "sft"}})
-        assert registry.get("policy", raw["policy"]["name"]).cls.benchmark
+        cfg = load_config(data=raw, require=("task",))
+        assert registry.get("policy", raw["policy"]["name"]).cls.bench is not None
     assert cfg.task is not None and cfg.policy is not None
 
 
@@ -39,8 +39,8 @@ def test_readme_names_every_registered_name():
 
 def test_objective_configs_use_the_benchmark_budget():
     """configs/<objective>.yaml and `rlhfzoo bench` give an objective the same budget and options:
-    its `train_defaults` and `algorithm_defaults` (what the learning tests measure is what the
-    benchmark runs)."""
+    its bench protocol's `train` and `options` (what the learning tests measure is what the
+    bench runs)."""
     from rlhfzoo.config import load_config
 
     checked = 0
@@ -48,12 +48,12 @@ def test_objective_configs_use_the_benchmark_budget():
         if "algorithm" not in yaml.safe_load(path.read_text()):
             continue  # e.g. best_of_n.yaml: a policy, not a training run
         cfg = load_config(path)
-        cls = cfg.algorithm.entry.cls
-        if not (cls.train_defaults or cls.algorithm_defaults):
+        bench = cfg.algorithm.entry.cls.bench
+        if not (bench.train or bench.options):
             continue
         train = cfg.train.model_dump()
-        assert {k: train[k] for k in cls.train_defaults} == cls.train_defaults, path.name
+        assert {k: train[k] for k in bench.train} == bench.train, path.name
         algorithm = cfg.algorithm.to_dict()
-        assert {k: algorithm[k] for k in cls.algorithm_defaults} == cls.algorithm_defaults, path.name
+        assert {k: algorithm[k] for k in bench.options} == bench.options, path.name
         checked += 1
     assert checked >= 8

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhfzoo.bench import builtin_algorithms, default_algorithms, markdown, pair_accuracy
+from rlhfzoo.bench import builtin_algorithms, default_algorithms, markdown
+from rlhfzoo.interfaces import BenchProtocol
+from rlhfzoo.registry import registry
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "rlhfzoo-slic"
@@ -93,10 +95,30 @@ def test_default_algorithms_without_a_gold_reward_are_the_offline_ones_and_the_r
     assert default_algorithms({"name": "sentiment"}) == builtin_algorithms()  # gold reward: every contender
 
 
-def test_pair_accuracy_and_markdown_without_gold():
-    assert pair_accuracy({"implicit_reward_accuracy": 0.75, "implicit_reward_pairs": 8.0, "kl": 0.1}) == (0.75, 8.0)
-    assert pair_accuracy({"accuracy": 0.6, "n_pairs": 10.0}) == (0.6, 10.0)
-    assert pair_accuracy({"gold": 0.3}) == (None, 0.0)
+def test_pair_accuracy_is_read_with_the_keys_a_plugin_declares():
+    dpo, rm = registry.get("objective", "dpo").cls.bench, registry.get("objective", "bradley-terry").cls.bench
+    assert dpo.pair_accuracy_of({"implicit_reward_accuracy": 0.75, "implicit_reward_pairs": 8.0, "kl": 0.1}) == (0.75, 8.0)
+    assert dpo.pair_accuracy_of({"accuracy": 0.6, "n_pairs": 10.0}) is None  # not its keys
+    assert rm.pair_accuracy_of({"accuracy": 0.6, "n_pairs": 10.0}) == (0.6, 10.0)
+    assert rm.pair_accuracy_of({"accuracy": float("nan"), "n_pairs": 10.0}) is None
+    assert BenchProtocol().pair_accuracy_of({"accuracy": 0.6}) is None  # declares none: a sampled row
+    assert rm.evaluation == "scorer" and dpo.evaluation == "sampled"
+
+
+def test_bench_protocol_declarations_are_checked():
+    with pytest.raises(ValueError, match="kl_knob and kl_sweep together"):
+        BenchProtocol(kl_knob="beta")
+    with pytest.raises(ValueError, match="'sampled' or 'scorer'"):
+        BenchProtocol(evaluation="pairs")
+    for kind in ("objective", "policy"):  # every declared knob is an option of its plugin
+        for e in registry.entries(kind):
+            if e.cls.bench is not None and e.cls.bench.kl_knob:
+                assert e.cls.bench.kl_knob in e.cls.Config.model_fields, (e.name, e.cls.bench.kl_knob)
+            if e.cls.bench is not None:
+                assert set(e.cls.bench.options) <= set(e.cls.Config.model_fields), e.name
+
+
+def test_markdown_without_gold():
     rows = [
         {"algorithm": "dpo", "status": "ok", "pair_accuracy": {"mean": 0.75, "ci95": float("nan"), "pair_se": 0.1}, "elo": None},
         {"algorithm": "sft-baseline", "status": "ok", "kl": {"mean": 0.0, "ci95": float("nan"), "prompt_se": 0.0}, "elo": None},

@@ -115,3 +115,33 @@ def test_the_stages_every_run_reads_are_listed_once_in_run_order(tmp_path):
     assert len({id(task) for task, _ in needed}) == 1 and needed[0][0].name == "sentiment"
     gold = plan(parse("--algorithms", "ppo-clip", "--seeds", "1", "--reward", "gold", "--set", "policy.init=scratch", out=tmp_path))
     assert stages_needed(gold) == []
+
+
+# ---------------------------------------------------------------------------- what plugins declare (BenchProtocol)
+
+
+def test_sweep_kl_runs_every_row_over_its_own_knob(tmp_path):
+    specs = plan(parse("--algorithms", "dpo,best-of-n,ppo", "--seeds", "1", "--sweep", "kl", out=tmp_path))
+    rows = [(s.label, s.variant) for s in specs]
+    from rlhfzoo.registry import registry
+
+    for kind, name, section in (("objective", "dpo", "algorithm"), ("policy", "best-of-n", "policy"), ("objective", "ppo-clip", "algorithm")):
+        bench = registry.get(kind, name).cls.bench
+        expected = [{f"{section}.{bench.kl_knob}": v} for v in bench.kl_sweep]
+        assert [v for label, v in rows if label.startswith(name + " ")] == expected, name
+    bon = [s for s in specs if s.name == "best-of-n"]
+    assert [s.config["policy"]["n"] for s in bon] == list(registry.get("policy", "best-of-n").cls.bench.kl_sweep)
+    assert bon[0].config["policy"]["base"] == {"name": "hf"}  # the baseline policy, handed to the option the protocol names
+
+
+def test_the_reward_defaults_to_the_tasks_and_a_policy_row_has_no_algorithm(tmp_path):
+    specs = plan(parse("--algorithms", "ppo,best-of-n", "--seeds", "1", out=tmp_path))
+    by_name = {s.name: s for s in specs}
+    assert by_name["ppo-clip"].config["reward"] == {"name": "reward-model", "path": "auto"}  # SentimentTask.default_reward
+    assert "algorithm" not in by_name["best-of-n"].config and "algorithm" not in by_name["hf"].config
+    assert by_name["best-of-n"].config["policy"]["reward"] == {"name": "reward-model", "path": "auto"}
+
+
+def test_a_policy_without_a_bench_protocol_is_not_a_row(tmp_path):
+    with pytest.raises(UserError, match="'transformers' is not registered"):
+        plan(parse("--algorithms", "transformers", out=tmp_path))

@@ -159,7 +159,7 @@ def test_reference_freed_when_the_objective_no_longer_needs_it(tmp_path):
     freed = Trainer(run_config(tmp_path / "free", {"name": "test-hooks-frees-reference"}), log=lambda *_: None)
     assert kept.objective.prepared_with is not None and kept.reference is kept.objective.prepared_with
     assert freed.objective.prepared_with is not None and freed.reference is None
-    assert freed._reference_for_eval() is not None  # built again for the evaluations that need it
+    assert freed.reference_for_eval() is not None  # built again for the evaluations that need it
 
 
 def test_dpo_frees_the_reference_only_when_cached(tmp_path):

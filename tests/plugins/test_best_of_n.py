@@ -91,7 +91,7 @@ def test_a_policy_for_evaluation_and_the_registry(task):
     copy = bon.frozen_copy()
     assert isinstance(copy, BestOfN) and copy.reward is bon.reward
     assert not any(p.requires_grad for p in copy.parameters())
-    assert BestOfN.benchmark and all(f.description for f in BestOfN.Config.model_fields.values())
+    assert BestOfN.bench is not None and all(f.description for f in BestOfN.Config.model_fields.values())
 
 
 def test_bad_sub_configs_are_reported(task):

@@ -378,7 +378,7 @@ def test_ilql_decoding_beats_sft_on_sentiment(tmp_path):
         "task": {"name": "sentiment"},
         "policy": {"name": "hf", "init": "sft"},
         "algorithm": {"name": "ilql"},  # the defaults: separate value trunk, CQL 0.01, beta 8
-        "train": {**ILQL.train_defaults, "eval_prompts": 200, "progress": False},
+        "train": {**ILQL.bench.train, "eval_prompts": 200, "progress": False},
         "output_dir": str(tmp_path / "run"),
     })
     trainer = Trainer(cfg, log=lambda *_: None)
