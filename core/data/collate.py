@@ -9,7 +9,7 @@ prompt from the left first, then the response from the right -- and counted, nev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -72,44 +72,85 @@ def sequence_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length:
     return SequenceBatch(ids, attn, resp)
 
 
+Encode = Callable[[Sequence[tuple[str, str]]], SequenceBatch]  # (prompt, response) texts -> a SequenceBatch
+BatchBuilder = Callable[[list[Any], Encode, torch.Tensor], Batch]
+BUILDERS: dict[type, BatchBuilder] = {}
+
+
+def batches(example_type: type) -> Callable[[BatchBuilder], BatchBuilder]:
+    """Register the function that turns a list of `example_type` examples into a `Batch`; it
+    receives the examples, `encode` (texts -> SequenceBatch, with this collator's tokenizer,
+    length limit and truncation counts) and the examples' row indices. A plugin with its own
+    example type registers its builder the same way."""
+
+    def register(builder: BatchBuilder) -> BatchBuilder:
+        BUILDERS[example_type] = builder
+        return builder
+
+    return register
+
+
+@batches(Demonstration)
+def demonstration_batch(examples: list[Demonstration], encode: Encode, index: torch.Tensor) -> Batch:
+    return Batch(sequences=encode([(e.prompt, e.response) for e in examples]), index=index)
+
+
+@batches(PreferencePair)
+def preference_batch(examples: list[PreferencePair], encode: Encode, index: torch.Tensor) -> Batch:
+    return Batch(
+        sequences=encode([(e.prompt, e.chosen) for e in examples]),
+        rejected=encode([(e.prompt, e.rejected) for e in examples]),
+        margin=torch.tensor([e.margin if e.margin is not None else 0.0 for e in examples], dtype=torch.float32),
+        index=index,
+        extra={"group": torch.tensor([e.group if e.group is not None else -1 for e in examples])},
+    )
+
+
+@batches(UnpairedExample)
+def unpaired_batch(examples: list[UnpairedExample], encode: Encode, index: torch.Tensor) -> Batch:
+    n = len(examples)
+    # Mismatched prompt/response pairs (prompt i with response i+1) estimate KL(pi||ref) in KTO.
+    mismatched = [(examples[i].prompt, examples[(i + 1) % n].response) for i in range(n)]
+    return Batch(
+        sequences=encode([(e.prompt, e.response) for e in examples]),
+        desirable=torch.tensor([e.desirable for e in examples], dtype=torch.bool),
+        kl_sequences=encode(mismatched),
+        index=index,
+    )
+
+
+@batches(RewardedExample)
+def rewarded_batch(examples: list[RewardedExample], encode: Encode, index: torch.Tensor) -> Batch:
+    return Batch(
+        sequences=encode([(e.prompt, e.response) for e in examples]),
+        rewards=torch.tensor([e.reward for e in examples], dtype=torch.float32),
+        index=index,
+    )
+
+
 @dataclass
 class Collator:
-    """Turns a list of (row index, example) into a `Batch` for one data kind."""
+    """Turns a list of (row index, example) into a `Batch`, with the builder registered for the
+    examples' type (`batches`)."""
 
     tokenizer: Any
     max_length: int = 128
     stats: TruncationStats = field(default_factory=TruncationStats)
 
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> SequenceBatch:
+        return sequence_batch(self.tokenizer, pairs, self.max_length, self.stats)
+
     def __call__(self, rows: Sequence[tuple[int, Any]]) -> Batch:
         index = torch.tensor([i for i, _ in rows], dtype=torch.long)
         examples = [e for _, e in rows]
-        first = examples[0]
-        seq = lambda pairs: sequence_batch(self.tokenizer, pairs, self.max_length, self.stats)  # noqa: E731
-        if isinstance(first, PreferencePair):
-            margin = [e.margin if e.margin is not None else 0.0 for e in examples]
-            return Batch(
-                sequences=seq([(e.prompt, e.chosen) for e in examples]),
-                rejected=seq([(e.prompt, e.rejected) for e in examples]),
-                margin=torch.tensor(margin, dtype=torch.float32),
-                index=index,
-                extra={"group": torch.tensor([e.group if e.group is not None else -1 for e in examples])},
+        kinds = {type(e) for e in examples}
+        if len(kinds) != 1:
+            raise TypeError(f"a batch mixes example types ({', '.join(sorted(k.__name__ for k in kinds))}); collate one type at a time")
+        kind = kinds.pop()
+        builder = BUILDERS.get(kind)
+        if builder is None:
+            raise TypeError(
+                f"don't know how to collate {kind.__name__}: register a builder with "
+                f"`@rlhfzoo.data.collate.batches({kind.__name__})` (known: {', '.join(t.__name__ for t in BUILDERS)})"
             )
-        if isinstance(first, UnpairedExample):
-            n = len(examples)
-            # Mismatched prompt/response pairs (prompt i with response i+1) estimate KL(pi||ref) in KTO.
-            mismatched = [(examples[i].prompt, examples[(i + 1) % n].response) for i in range(n)]
-            return Batch(
-                sequences=seq([(e.prompt, e.response) for e in examples]),
-                desirable=torch.tensor([e.desirable for e in examples], dtype=torch.bool),
-                kl_sequences=seq(mismatched),
-                index=index,
-            )
-        if isinstance(first, RewardedExample):
-            return Batch(
-                sequences=seq([(e.prompt, e.response) for e in examples]),
-                rewards=torch.tensor([e.reward for e in examples], dtype=torch.float32),
-                index=index,
-            )
-        if isinstance(first, Demonstration):
-            return Batch(sequences=seq([(e.prompt, e.response) for e in examples]), index=index)
-        raise TypeError(f"don't know how to collate {type(first).__name__}")
+        return builder(examples, self.encode, index)

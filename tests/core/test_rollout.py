@@ -112,3 +112,39 @@ def test_responses_cut_at_max_length_are_flagged(sft):
         assert bool(ro.finished[i]) == bool(has_eos)
         if not ro.finished[i]:
             assert n_tokens[i] == 3
+
+
+# ---------------------------------------------------------------------------- collation by example type
+
+
+def test_collation_is_dispatched_by_example_type_and_extensible():
+    from dataclasses import dataclass
+
+    from rlhfzoo.data.collate import BUILDERS, Collator, batches
+    from rlhfzoo.interfaces import Batch, Demonstration, PreferencePair
+    from rlhfzoo.plugins.sentiment import SentimentTask
+
+    collate = Collator(SentimentTask().tokenizer(), max_length=32)
+    pair = collate([(3, PreferencePair("good movie", "great", "bad")), (5, PreferencePair("a film", "fine", "dull"))])
+    assert pair.rejected is not None and pair.index.tolist() == [3, 5] and pair.margin.tolist() == [0.0, 0.0]
+    with pytest.raises(TypeError, match="mixes example types"):
+        collate([(0, PreferencePair("p", "a", "b")), (1, Demonstration("p", "a"))])
+
+    @dataclass(frozen=True)
+    class Scored:  # a third party's own example type
+        prompt: str
+        response: str
+        score: float
+
+    with pytest.raises(TypeError, match=r"batches\(Scored\)"):
+        collate([(0, Scored("p", "r", 1.0))])
+
+    @batches(Scored)
+    def scored_batch(examples, encode, index):
+        return Batch(sequences=encode([(e.prompt, e.response) for e in examples]), rewards=torch.tensor([e.score for e in examples]), index=index)
+
+    try:
+        out = collate([(0, Scored("good movie", "great", 2.5))])
+        assert out.rewards.tolist() == [2.5] and out.sequences.response_mask.sum() > 0
+    finally:
+        del BUILDERS[Scored]
