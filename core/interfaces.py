@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 # Examples, batches and rollouts live in rlhfzoo.data.types; re-exported here beside the interfaces.
 from rlhfzoo.bench_protocol import BenchProtocol  # noqa: F401  (declared by objectives and policies)
+from rlhfzoo.errors import UserError
 from rlhfzoo.data.types import (  # noqa: F401
     DataKind,
     DATA_KINDS,
@@ -82,12 +83,9 @@ class Policy(Plugin, ABC):
     `model` is the `torch.nn.Module` the optimiser updates (the trainer may wrap it for
     distributed training; `module` is always the unwrapped one).
 
-    Every policy samples (`generate`), scores tokens (`logprobs`), copies itself (`frozen_copy`)
-    and writes and reads its weights (`save`, `save_weights`, `load_weights`); `counters` needs no
-    code. The rest serves the objectives that ask for it, and raises NotImplementedError (naming
-    the policy) where a policy does not provide it: a scalar head (`with_value_head`, `values`),
-    the transformer under the LM head (`hidden_states`, `output_layer`, `transformer`), and extra
-    trainable modules an objective adds (`attach`, `attached`).
+    A policy implements the abstract methods; `counters` needs no code. The other members serve
+    the objectives that ask for them (a scalar head, the transformer under the LM head, modules an
+    objective attaches) and raise NotImplementedError, naming the policy, where it lacks them.
     """
 
     model: torch.nn.Module
@@ -105,14 +103,10 @@ class Policy(Plugin, ABC):
 
     @property
     def counters(self) -> dict[str, float]:
-        """Work done, in units comparable across policies (`train_tokens` through training forwards,
-        `generated_tokens`, `reward_calls`, ...), for budgets. The trainer checkpoints and restores
-        it, and reports it in the run's summary. Empty until the policy counts something: a policy
-        assigns its own dict (`self.counters = {...}`) or overrides this with a property that
-        computes it (best-of-n)."""
-        if not hasattr(self, "_counters"):
-            self._counters: dict[str, float] = {}
-        return self._counters
+        """Work done in units comparable across policies (`train_tokens` through training forwards,
+        `generated_tokens`, ...), for budgets; the trainer checkpoints, restores and reports it. Empty
+        until a policy assigns its own dict, or overrides this with a property (best-of-n)."""
+        return vars(self).setdefault("_counters", {})
 
     @counters.setter
     def counters(self, value: dict[str, float]) -> None:
@@ -144,8 +138,7 @@ class Policy(Plugin, ABC):
 
     @abstractmethod
     def save_weights(self, file: str) -> None:
-        """Write all the trainable weights, attached modules included, to one safetensors file (the
-        trainer's checkpoints); `load_weights` reads it back."""
+        """Write all trainable weights, attached modules included, to one safetensors file (checkpoints)."""
 
     @abstractmethod
     def load_weights(self, path: str) -> None:
@@ -176,11 +169,7 @@ class Policy(Plugin, ABC):
     def with_value_head(cls, config: PluginConfig) -> PluginConfig:
         """`config` (this policy's) with a scalar head added, the one `values` reads. The trainer
         builds the policy from it when the objective sets `needs_value_head`."""
-        from rlhfzoo.errors import UserError  # the user picked a policy that cannot serve the objective
-
-        raise UserError(
-            f"policy {cls.name!r} has no value head; objective needs one. Train it with a policy that has one (e.g. `hf`)"
-        )
+        raise UserError(f"policy {cls.name!r} has no value head, which this objective needs; use a policy that has one")
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The scalar head at every position [B, T] (float32): state values for actor-critic, the
@@ -190,9 +179,8 @@ class Policy(Plugin, ABC):
 
     # The transformer under the LM head, for objectives with heads of their own (ILQL) ---------
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states [B, T, H] of the policy's transformer, what `output_layer` maps to the
-        next token's logits; positions count real tokens only, so left padding does not shift
-        them. Computed on `module` (not through a distributed wrapper)."""
+        """Last hidden states [B, T, H] of the transformer, which `output_layer` maps to next-token logits;
+        positions count real tokens only (left padding shifts nothing). Computed on `module`, unwrapped."""
         raise NotImplementedError(f"policy {self.name!r} does not expose its hidden states")
 
     def output_layer(self) -> torch.nn.Module:
@@ -200,19 +188,15 @@ class Policy(Plugin, ABC):
         raise NotImplementedError(f"policy {self.name!r} does not expose its output layer")
 
     def transformer(self) -> torch.nn.Module:
-        """The module that maps token ids to `hidden_states`: called as `transformer(input_ids=...,
-        attention_mask=..., position_ids=...)`, it returns them as `.last_hidden_state` (a
-        `transformers` base model). ILQL trains a copy of it as its value trunk."""
+        """The module mapping token ids to `hidden_states`: `transformer(input_ids=, attention_mask=,
+        position_ids=).last_hidden_state` (a `transformers` base model). ILQL trains a copy of it."""
         raise NotImplementedError(f"policy {self.name!r} does not expose its transformer")
 
     # Extra trainable modules an objective adds in `Objective.setup` (ILQL's Q/V heads) -------
-    def attach(
-        self, name: str, module: torch.nn.Module, save: Callable[[torch.nn.Module, str], None] | None = None
-    ) -> torch.nn.Module:
-        """Make `module` part of this policy's `module` under `name`, before the trainer builds the
-        optimizer: it is then optimised, written by `save_weights` and read by `load_weights`,
-        copied by `frozen_copy`, and `save(dir)` also calls `save(module, dir)` when given. Returns
-        the module, moved to the policy's device; a name already in use is an error."""
+    def attach(self, name: str, module: torch.nn.Module, save: Callable[[torch.nn.Module, str], None] | None = None) -> torch.nn.Module:
+        """Make `module` part of `self.module` as `name` (a new name): optimised, in `save_weights` /
+        `load_weights`, copied by `frozen_copy`; `save(dir)` also calls `save(module, dir)` when given.
+        Returns the module, on the policy's device."""
         raise NotImplementedError(f"policy {self.name!r} does not take attached modules")
 
     def attached(self, name: str) -> torch.nn.Module | None:

@@ -1,4 +1,5 @@
-"""Tensor helpers shared by the objectives: masked statistics, the SFT loss, GAE, KL controllers.
+"""Tensor helpers shared by the plugins: masked statistics, the SFT loss, GAE, KL controllers,
+running moments.
 
 Masks are 0/1 tensors the shape of the data; a masked-out entry never contributes to a statistic
 and comes out as 0 of `gae`. Sequences may be left-padded (prompts) and right-padded (responses),
@@ -165,14 +166,20 @@ class AdaptiveKLController:
 
 
 class RunningMoments:
-    """Running mean and standard deviation of a stream of batches (Chan et al.'s parallel update),
-    for reward normalisation; checkpointed through `state_dict`."""
+    """Running mean and standard deviation of a stream of batches (Chan et al.'s parallel update, in
+    float64), for reward normalisation: PPO's `normalize_rewards`, the `reward-model` source's
+    `normalize: running`. Checkpointed through `state_dict` (mean, population variance, count).
 
-    def __init__(self):
+    `std` is the sample standard deviation (Bessel-corrected), or with `unbiased=False` the
+    population one; 1.0 until two values have been seen (there is no spread to divide by yet).
+    """
+
+    def __init__(self, unbiased: bool = True):
+        self.unbiased = unbiased
         self.mean, self.var, self.count = 0.0, 1.0, 0
 
     def update(self, x: torch.Tensor) -> tuple[float, float]:
-        """Fold in a batch; returns the batch's own (mean, std)."""
+        """Fold in a batch; returns the batch's own (mean, sample std)."""
         x = x.detach().double().flatten()
         n = x.numel()
         if n == 0:
@@ -186,7 +193,9 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.var * self.count / max(self.count - 1, 1)) if self.count else 1.0
+        if self.count < 2:
+            return 1.0
+        return math.sqrt(self.var * self.count / (self.count - 1) if self.unbiased else self.var)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mean": self.mean, "var": self.var, "count": self.count}

@@ -16,7 +16,7 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -98,11 +98,23 @@ class HFPolicyConfig(PluginConfig):
         return self
 
 
+def last_hidden_states(transformer: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, T, H] of a transformer (a causal LM's `base_model`). Positions count
+    real tokens only, so left padding does not shift them."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+
 class LMWithHeads(torch.nn.Module):
     """A causal LM plus an optional value head; forward returns per-token log-probs (and values).
 
     The value head reads the hidden states of `critic` when there is one (a separate critic
-    model, a causal LM whose vocabulary projection is unused), else those of `lm` itself."""
+    model, a causal LM whose vocabulary projection is unused), else those of `lm` itself.
+
+    Modules an objective attaches (`attach`, e.g. ILQL's heads) are children under their own
+    names, so they are trained, in the state dict and deep-copied with the rest; `attachments`
+    maps each name to the function that writes it into a policy directory (or None).
+    """
 
     def __init__(self, lm: torch.nn.Module, value_head: bool = False, critic: torch.nn.Module | None = None):
         super().__init__()
@@ -113,11 +125,20 @@ class LMWithHeads(torch.nn.Module):
         if self.value_head is not None:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
+        self.attachments: dict[str, Callable[[torch.nn.Module, str], None] | None] = {}
 
-    @property
-    def value_trunk(self) -> torch.nn.Module:
-        """The causal LM whose last hidden states the value head reads."""
-        return self.critic if self.critic is not None else self.lm
+    def attach(self, name: str, module: torch.nn.Module, save: Callable[[torch.nn.Module, str], None] | None = None) -> torch.nn.Module:
+        """Add `module` as the child `name`; `save(module, dir)` writes it into a policy directory."""
+        if hasattr(self, name):
+            what = "already attached" if name in self.attachments else "a name of the policy's own module"
+            raise ValueError(f"cannot attach a module as {name!r}: {what}; choose another name")
+        self.add_module(name, module)
+        self.attachments[name] = save
+        return module
+
+    def attached(self, name: str) -> torch.nn.Module | None:
+        """The module attached as `name`, or None."""
+        return getattr(self, name) if name in self.attachments else None
 
     def forward(
         self,
@@ -126,29 +147,30 @@ class LMWithHeads(torch.nn.Module):
         temperature: float = 1.0,
         return_entropy: bool = False,
         return_values: bool = False,
+        return_logprobs: bool = True,
     ) -> dict[str, torch.Tensor]:
-        # Positions count real tokens only, so left padding does not shift them.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
-        head = self.lm.get_output_embeddings()
-        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        result = kernels.linear_logprobs(
-            hidden[:, :-1], head.weight, targets, bias=head.bias, temperature=temperature, return_entropy=return_entropy
-        )
+        """`logprobs` [B, T-1] (with `entropy` [B, T-1] if asked) unless `return_logprobs=False`, and
+        `values` [B, T] with `return_values=True`."""
+        if return_entropy and not return_logprobs:
+            raise ValueError("return_entropy=True needs return_logprobs=True")
         out: dict[str, torch.Tensor] = {}
-        if return_entropy:
-            out["logprobs"], out["entropy"] = result
-        else:
-            out["logprobs"] = result
+        # The LM's hidden states, unless only the values are asked for and a separate critic gives them.
+        hidden = last_hidden_states(self.lm.base_model, input_ids, attention_mask) if return_logprobs or self.critic is None else None
+        if return_logprobs:
+            head = self.lm.get_output_embeddings()
+            targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+            result = kernels.linear_logprobs(
+                hidden[:, :-1], head.weight, targets, bias=head.bias, temperature=temperature, return_entropy=return_entropy
+            )
+            if return_entropy:
+                out["logprobs"], out["entropy"] = result
+            else:
+                out["logprobs"] = result
         if return_values:
             if self.value_head is None:
                 raise RuntimeError("this policy has no value head; set `policy.value_head: true`")
             if self.critic is not None:
-                hidden = self.critic.base_model(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-                ).last_hidden_state
+                hidden = last_hidden_states(self.critic.base_model, input_ids, attention_mask)
             out["values"] = self.value_head(hidden).squeeze(-1).float()
         return out
 
@@ -281,6 +303,36 @@ class HFPolicy(Policy):
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.forward(input_ids, attention_mask)["logprobs"]
 
+    # ------------------------------------------------------------------------------ the value head
+    @classmethod
+    def with_value_head(cls, config: HFPolicyConfig) -> HFPolicyConfig:
+        return config.model_copy(update={"value_head": True})
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.module.value_head is None:
+            raise NotImplementedError(
+                f"policy {self.name!r} has no value head; set `policy.value_head: true` (or load a directory saved with one)"
+            )
+        return self.forward(input_ids, attention_mask, return_values=True, return_logprobs=False)["values"]
+
+    # ------------------------------------------------------------------------------ the transformer
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return last_hidden_states(self.transformer(), input_ids, attention_mask)
+
+    def output_layer(self) -> torch.nn.Module:
+        return self.module.lm.get_output_embeddings()
+
+    def transformer(self) -> torch.nn.Module:
+        return self.module.lm.base_model
+
+    # ------------------------------------------------------------------------------ attached modules
+    def attach(self, name: str, module: torch.nn.Module, save: Callable[[torch.nn.Module, str], None] | None = None) -> torch.nn.Module:
+        device = next(self.module.parameters()).device
+        return self.module.attach(name, module.to(device), save)
+
+    def attached(self, name: str) -> torch.nn.Module | None:
+        return self.module.attached(name)
+
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
@@ -320,7 +372,8 @@ class HFPolicy(Policy):
         return HFPolicy(config, task=self.task, model=module, tokenizer=self.tokenizer)
 
     def save(self, path: str) -> None:
-        """A directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+        """A directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, with the value
+        head, the separate critic and the attached modules (each written by its `save`) beside it."""
         os.makedirs(path, exist_ok=True)
         self.module.lm.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
@@ -330,6 +383,9 @@ class HFPolicy(Policy):
             save_file(self.module.value_head.state_dict(), os.path.join(path, "value_head.safetensors"))
         if self.module.critic is not None:
             self.module.critic.save_pretrained(os.path.join(path, "critic"), safe_serialization=True)
+        for name, save in self.module.attachments.items():
+            if save is not None:
+                save(self.module.attached(name), path)
         with open(os.path.join(path, "rlhfzoo_policy.json"), "w") as f:
             json.dump({"policy": self.name, "config": self.config.model_dump(mode="json")}, f, indent=1)
 

@@ -17,17 +17,23 @@ Each output is an artifact (`rlhfzoo.artifacts`) named by the stage (or its `art
 by `key(task)`, so every run and benchmark starts from the same one and the work is done once per
 cache. A finished `rlhfzoo train` run that produced exactly a stage's output is cached as that
 stage by `adopt`, which asks every registered stage (`Stage.adopts`).
+
+A stage whose output is a nested training run (a task's SFT policy, its reward model) subclasses
+`TrainingStage`, which runs it; the subclass gives the run config.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
+from abc import abstractmethod
 from functools import partial
-from pathlib import Path
-from typing import Any, Callable
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, ClassVar
 
 from rlhfzoo.artifacts import artifact, cache_root, finished
+from rlhfzoo.config import load_config
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Stage, Task
 from rlhfzoo.registry import registry
@@ -130,3 +136,51 @@ def adopt(cfg: Any, run_dir: Path, log: Log = print) -> list[tuple[str, Path]]:
         directory = artifact(_artifact_name(entry.name), stage.key(task), partial(stage.adopt, cfg, Path(run_dir)), log=log)
         adopted.append((entry.name, directory / stage.output))
     return adopted
+
+
+# ------------------------------------------------------------------------------------ stages that train
+
+RUN = "run"  # a training stage's nested run, inside its artifact
+
+
+class TrainingStage(Stage):
+    """A stage whose output is a nested `rlhfzoo train` run: the task's SFT policy, its reward model,
+    its critique judge. A subclass says what differs:
+
+        trains = "the reward model"            # for the log
+        def run_data(self, task): ...          # the run config, as a mapping without `output_dir`
+        def after_training(self, directory, trainer, summary, log): ...   # optional: e.g. a report
+
+    and this class does the rest: the key (the run config, and the key of every stage it requires:
+    what it starts from), the run into `<artifact>/run` with the progress bar shown as asked, and,
+    for a subclass that says which finished runs it `adopts`, copying such a run's output.
+    """
+
+    output = f"{RUN}/policy"  # the nested run's policy
+    trains: ClassVar[str] = ""
+
+    @abstractmethod
+    def run_data(self, task: Task) -> dict[str, Any]:
+        """The config of the nested run for this task, as a mapping without `output_dir`."""
+
+    def key(self, task: Task) -> dict[str, Any]:
+        return {**self.run_data(task), **{name: get(name).key(task) for name in self.requires}}
+
+    def build(self, directory: Path, task: Task, log: Log, progress: bool = False) -> None:
+        from rlhfzoo.trainer import Trainer  # not at the top: the trainer builds the stages a run reads
+
+        if log:
+            log(f"[rlhfzoo] training {self.trains} for task {task.name!r} (cached for later runs)")
+        data = self.run_data(task)
+        data = {**data, "train": {**data["train"], "progress": progress}, "output_dir": str(directory / RUN)}
+        trainer = Trainer(load_config(data=data), log=log)
+        summary = trainer.fit()
+        self.after_training(directory, trainer, summary, log)
+
+    def after_training(self, directory: Path, trainer: Any, summary: dict[str, Any], log: Log) -> None:
+        """Called by `build` once the nested run (`trainer`, its `summary`) has finished, its output
+        in place; nothing by default."""
+
+    def adopt(self, cfg: Any, run_dir: Path, directory: Path) -> None:
+        """Copy the finished run's output where `build` puts it."""
+        shutil.copytree(Path(run_dir) / PurePosixPath(self.output).relative_to(RUN), directory / self.output)

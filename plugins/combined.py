@@ -13,21 +13,19 @@ helpfulness. The gated score is used unweighted, as in Llama 2.
              sources: [{name: gold, weight: 1.0}, {name: reward-model, weight: 0.5, path: auto}],
              gate: {source_index: 1, threshold: 0.15}}
 
-Every sub-source is built through the registry (`registry.get("reward_source", name)`) and its
-options validated against that source's own config when the config is read.
+Every sub-source is a nested section (`rlhfzoo.sections`): its name is looked up in the registry
+and its options validated against that source's own config when the config is read; `weight` is
+combined's own setting of the entry.
 """
 
 from __future__ import annotations
 
-import difflib
-from typing import Any
-
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, StrictFloat, model_validator
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import PluginConfig, RewardSource
-from rlhfzoo.registry import RegistryError, registry
+from rlhfzoo.sections import PluginSection
 
 
 class Gate(PluginConfig):
@@ -35,14 +33,17 @@ class Gate(PluginConfig):
     threshold: float = Field(0.15, description="Where the gating source scores below this, the reward is its score alone.")
 
 
-def split_source(spec: dict[str, Any]) -> tuple[str, float, dict[str, Any]]:
-    """(name, weight, the source's own options) of one `sources` entry."""
-    opts = dict(spec)
-    return opts.pop("name", None), opts.pop("weight", 1.0), opts
+class Weight(PluginConfig):
+    """What `combined` keeps beside each source's own options in its entry of `sources`."""
+
+    weight: StrictFloat = Field(1.0, description="w_i: the source's weight in the sum (a number).")
+
+
+WeightedSource = PluginSection.of("reward_source", own=Weight)  # {name: ..., weight: ..., **the source's options}
 
 
 class CombinedConfig(PluginConfig):
-    sources: list[dict[str, Any]] = Field(
+    sources: list[WeightedSource] = Field(
         ..., min_length=1,
         description="The reward sources: each `{name: <reward source>, weight: <float, default 1>, ...its options}`.",
     )
@@ -50,34 +51,8 @@ class CombinedConfig(PluginConfig):
 
     @model_validator(mode="after")
     def _check(self):
-        problems = []
-        for i, spec in enumerate(self.sources):
-            name, weight, opts = split_source(spec)
-            where = f"sources[{i}]"
-            if not isinstance(name, str):
-                problems.append(f"{where}: needs a `name` (a registered reward source)")
-                continue
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-                problems.append(f"{where}.weight: must be a number, got {weight!r}")
-            try:
-                cls = registry.get("reward_source", name).cls
-            except RegistryError as e:
-                problems.append(f"{where}.name: {str(e).splitlines()[0]}")
-                continue
-            try:
-                cls.Config(**opts)
-            except ValidationError as e:
-                for err in e.errors():
-                    key = ".".join(str(p) for p in err["loc"])
-                    msg = err["msg"]
-                    if err["type"] == "extra_forbidden":
-                        close = difflib.get_close_matches(key, list(cls.Config.model_fields), n=1)
-                        msg = f"unknown option of {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                    problems.append(f"{where}.{key}: {msg}")
         if self.gate is not None and self.gate.source_index >= len(self.sources):
-            problems.append(f"gate.source_index: {self.gate.source_index} but there are {len(self.sources)} sources")
-        if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(f"gate.source_index: {self.gate.source_index} but there are {len(self.sources)} sources")
         return self
 
 
@@ -91,24 +66,13 @@ class CombinedReward(RewardSource):
     @classmethod
     def required_stages(cls, config: CombinedConfig) -> list[str]:
         """What every source reads."""
-        names = []
-        for spec in config.sources:
-            name, _, opts = split_source(spec)
-            source = registry.get("reward_source", name).cls
-            names += source.required_stages(source.Config(**opts))
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys(name for source in config.sources for name in source.required_stages()))
 
     def __init__(self, config=None, task=None):
         super().__init__(config, task)
-        self.names: list[str] = []
-        self.weights: list[float] = []
-        self.sources: list[RewardSource] = []
-        for spec in self.config.sources:
-            name, weight, opts = split_source(spec)
-            cls = registry.get("reward_source", name).cls
-            self.sources.append(cls(cls.Config(**opts), task=task))
-            self.names.append(name)
-            self.weights.append(float(weight))
+        self.sources: list[RewardSource] = [source.create(task=task) for source in self.config.sources]
+        self.names: list[str] = [source.name for source in self.config.sources]
+        self.weights: list[float] = [source.own.weight for source in self.config.sources]
         self.calls = self.gated = 0
         self.sums = [0.0] * len(self.sources)
 

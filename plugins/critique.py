@@ -31,18 +31,16 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 from pydantic import Field, model_validator
 
 from rlhfzoo import hookimpl, stages
-from rlhfzoo.config import load_config
-from rlhfzoo.interfaces import PluginConfig, RewardSource, Stage
+from rlhfzoo.interfaces import PluginConfig, RewardSource
 from rlhfzoo.plugins._judge_backends import HTTPJudge, JudgeBackend, JudgeError, PolicyJudge
-from rlhfzoo.registry import RegistryError, registry
-from rlhfzoo.trainer import Trainer
+from rlhfzoo.sections import PolicySection
+from rlhfzoo.stages import TrainingStage
 
 SINGLE_SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to the "
@@ -99,7 +97,7 @@ def parse_verdict(text: str | None) -> str | None:
 # Train settings of the task's default judge: SFT on its critiques, from its SFT policy (a task
 # may override them with `judge_recipe()`). It must learn word sentiment and grammaticality from a
 # few verdict tokens per example, and that comes late and needs a moderate lr. On sentiment,
-# Spearman correlation with the gold reward over 300 held-out responses (measured 2026-11-22):
+# Spearman correlation with the gold reward over 300 held-out responses:
 #   lr 1e-3:  800 steps 0.12, 1200 0.69, 1600 0.75 (seed 1: 0.75), 2000 0.87 (seed 1: 0.88), 2400 0.84
 #   lr 2e-3:  800 steps 0.43, 1600 0.44 (too high: it settles on the majority verdicts)
 JUDGE_RECIPE: dict[str, Any] = {"steps": 2000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"}
@@ -116,22 +114,15 @@ def judge_run_data(task: Any) -> dict[str, Any]:
     }
 
 
-class JudgeStage(Stage):
+class JudgeStage(TrainingStage):
     name = "judge"
     summary = "The task's critique judge (`critique` with `judge.init: auto`): sft on its critiques, from its SFT policy."
     paper = "Zheng et al. 2023, arXiv:2306.05685"
     requires = ("sft",)
-    output = "run/policy"
+    trains = "the critique judge"
 
-    def key(self, task) -> dict[str, Any]:
-        return {**judge_run_data(task), "sft": stages.get("sft").key(task)}
-
-    def build(self, directory: Path, task, log, progress: bool = False) -> None:
-        if log:
-            log(f"[rlhfzoo] training the critique judge for task {task.name!r} (cached for later runs)")
-        data = judge_run_data(task)
-        data = {**data, "train": {**data["train"], "progress": progress}, "output_dir": str(directory / "run")}
-        Trainer(load_config(data=data), log=log).fit()
+    def run_data(self, task) -> dict[str, Any]:
+        return judge_run_data(task)
 
 
 def task_judge_prompt(task: Any) -> Callable[[str, str], str] | None:
@@ -149,8 +140,8 @@ def task_judge_prompt(task: Any) -> Callable[[str, str], str] | None:
 
 class CritiqueConfig(PluginConfig):
     backend: Literal["policy", "http"] = Field("policy", description="`policy`: a registered policy writes the critique; `http`: an OpenAI-compatible endpoint.")
-    judge: dict[str, Any] = Field(
-        default_factory=lambda: {"name": "hf", "init": "auto", "top_k": 1, "max_new_tokens": 16},
+    judge: PolicySection = Field(
+        default_factory=lambda: {"name": "hf", "init": "auto", "top_k": 1, "max_new_tokens": 16}, validate_default=True,
         description="policy backend: the judge's policy section (`name` + that policy's options). `init: auto`: the "
         "task's `judge` stage (sft on the task's critiques; `rlhfzoo stage judge` builds it, and so do `rlhfzoo train` "
         "and `rlhfzoo bench` before they start). `top_k: 1` decodes greedily.",
@@ -189,16 +180,6 @@ class CritiqueConfig(PluginConfig):
         if self.template != "auto":
             _check_template(self.template, ("prompt", "response"))
         _check_template(self.pairwise_template, ("prompt", "response_a", "response_b"))
-        if self.backend == "policy":
-            opts = dict(self.judge)
-            name = opts.pop("name", None)
-            if not isinstance(name, str):
-                raise ValueError("`judge` needs a `name`: the registered policy that writes the critiques, e.g. hf")
-            try:
-                policy_config = registry.get("policy", name).cls.Config
-            except RegistryError as e:
-                raise ValueError(f"judge.name: {str(e).splitlines()[0]}") from None
-            policy_config(**opts)  # unknown keys / bad values are errors now, not at the first score()
         return self
 
 
@@ -224,11 +205,9 @@ class CritiqueReward(RewardSource):
         """The task's `judge` stage for `judge.init: auto`, else whatever the judge policy reads."""
         if config.backend != "policy":
             return []
-        opts = dict(config.judge)
-        if opts.get("init") == "auto":
+        if config.judge.options.get("init") == "auto":
             return ["judge"]
-        policy = registry.get("policy", opts.pop("name")).cls
-        return policy.required_stages(policy.Config(**opts))
+        return config.judge.required_stages()
 
     def __init__(self, config=None, task=None, backend: JudgeBackend | None = None):
         super().__init__(config, task)
@@ -250,13 +229,12 @@ class CritiqueReward(RewardSource):
         if c.backend == "http":
             return HTTPJudge(c.url, c.model, c.api_key_env, c.timeout, c.retries, c.retry_backoff, c.concurrency,
                              c.max_tokens, c.temperature)
-        opts = dict(c.judge)
-        entry = registry.get("policy", opts.pop("name"))
-        if opts.get("init") == "auto":
+        judge = c.judge
+        if judge.options.get("init") == "auto":
             if self.task is None:
                 raise ValueError("critique: `judge.init: auto` needs a task (its cached judge)")
-            opts["init"] = str(stages.path("judge", self.task))
-        return PolicyJudge(entry.cls(entry.cls.Config(**opts), task=self.task), c.batch_size)
+            judge = judge.with_options(init=str(stages.path("judge", self.task)))
+        return PolicyJudge(judge.create(task=self.task), c.batch_size)
 
     def critiques(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str | None]:
         """The judge's raw critiques (None where a request failed)."""

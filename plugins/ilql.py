@@ -81,7 +81,7 @@ def _mlp(hidden: int, out: int, width: int) -> torch.nn.Module:
 class ILQLHeads(torch.nn.Module):
     """Two Q heads (vocabulary-sized), their target copies and a V head, on hidden size `hidden`.
 
-    With a `trunk` (a copy of the LM's transformer, e.g. `lm.base_model`) the heads read that
+    With a `trunk` (a copy of the LM's transformer, `Policy.transformer()`) the heads read that
     trunk's hidden states, and the Q/V losses train it; without one they read the LM's own."""
 
     def __init__(self, hidden: int, vocab: int, width: int = 0, two_q: bool = True, trunk: torch.nn.Module | None = None):
@@ -316,30 +316,20 @@ class ILQL(Objective):
         self.target_updates = 0
 
     # ---------------------------------------------------------------------------- set-up
-    def attach(self, policy: Any) -> ILQLHeads:
-        """Add the heads to `policy.module` (reusing any it has) and make `policy.save` write them."""
+    def attach(self, policy: Policy) -> ILQLHeads:
+        """Attach new heads to `policy` (`policy.save` then writes them too), or reuse those it has."""
         heads = heads_of(policy)
         if heads is None:
-            lm = policy.module.lm
-            trunk = copy.deepcopy(lm.base_model) if self.config.value_trunk == "separate" else None
+            vocab, hidden = policy.output_layer().weight.shape
+            trunk = copy.deepcopy(policy.transformer()) if self.config.value_trunk == "separate" else None
             if trunk is not None:
                 trunk.requires_grad_(True)
-            heads = ILQLHeads(_hidden_size(lm), _vocab_size(lm), self.config.head_width, self.config.two_q, trunk=trunk)
-            device = next(lm.parameters()).device
-            policy.module.ilql_heads = heads.to(device)
-        if not getattr(policy, "_ilql_saves_heads", False) and not isinstance(policy, ILQLPolicy):
-            base_save = policy.save
-
-            def save(path: str, _base=base_save, _policy=policy) -> None:
-                _base(path)
-                save_heads(heads_of(_policy), path)
-
-            policy.save = save  # instance attribute: the trainer's `policy.save(dir)` writes the heads too
-            policy._ilql_saves_heads = True
+            heads = ILQLHeads(hidden, vocab, self.config.head_width, self.config.two_q, trunk=trunk)
+            heads = policy.attach(HEADS_NAME, heads, save=save_heads)
         self._heads = heads
         return heads
 
-    def setup(self, policy: Any, task: Any) -> None:
+    def setup(self, policy: Policy, task: Any) -> None:
         self.attach(policy)  # before the optimizer is built, so the heads are trained
 
     def prepare(self, data, collate, reference) -> None:
@@ -366,14 +356,13 @@ class ILQL(Objective):
         if empty:
             raise ValueError(f"ilql: dataset rows {empty} have no response tokens after the prompt; nothing to learn from them")
 
-        module = policy.module
-        if hasattr(policy, "counters") and torch.is_grad_enabled():
-            policy.counters["train_tokens"] += int(seq.attention_mask.sum())
+        if torch.is_grad_enabled():
+            policy.counters["train_tokens"] = policy.counters.get("train_tokens", 0) + int(seq.attention_mask.sum())
         # The LM learns from the NLL (awac_weight > 0) and, through shared undetached states, from Q/V/CQL.
         lm_trains = c.awac_weight > 0 or (heads.trunk is None and not c.detach_trunk)
         with torch.enable_grad() if lm_trains else torch.no_grad():
-            hidden = _hidden(module, seq.input_ids, seq.attention_mask)
-        head = module.lm.get_output_embeddings()
+            hidden = policy.hidden_states(seq.input_ids, seq.attention_mask)
+        head = policy.output_layer()
         # The value trunk's own states (trained by the Q/V/CQL losses), or the LM's.
         h_heads = heads.states(hidden, seq.input_ids, seq.attention_mask)
         if heads.trunk is None and c.detach_trunk:
@@ -410,13 +399,16 @@ class ILQL(Objective):
         self.target_updates = int(state.get("target_updates", 0))
 
     # ---------------------------------------------------------------------------- evaluation
-    def decoder(self, policy: Any, beta: float | None = None, top_k: int | None = None) -> "ILQLPolicy":
+    def decoder(self, policy: Policy, beta: float | None = None, top_k: int | None = None) -> Policy:
+        """The trained policy decoded with its heads: an `ilql` policy sharing its weights."""
+        from rlhfzoo.plugins.ilql_policy import ILQLPolicy  # imported here: that module imports this one
+
         c = self.config
         return ILQLPolicy.wrap(
             policy, beta=c.beta if beta is None else beta, top_k=c.top_k if top_k is None else top_k, base_top_p=c.base_top_p
         )
 
-    def inference_policy(self, policy: Any) -> Any:
+    def inference_policy(self, policy: Policy) -> Policy:
         return self.decoder(policy) if heads_of(policy) is not None else policy
 
     def evaluate(self, policy, task, **context) -> dict[str, float] | None:
@@ -437,4 +429,6 @@ def register_objectives(register):
 
 @hookimpl
 def register_policies(register):
+    from rlhfzoo.plugins.ilql_policy import ILQLPolicy  # imported here: that module imports this one
+
     register(ILQLPolicy)

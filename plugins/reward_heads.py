@@ -1,7 +1,7 @@
 """Reward models: the architecture, loading and scoring with text in and rewards out.
 
 A reward model is the `hf` policy -- a causal LM -- with its scalar head
-(`LMWithHeads.value_head`) read at the last non-padding token of `[bos] prompt response [eos]`:
+(`Policy.values`) read at the last non-padding token of `[bos] prompt response [eos]`:
 
     r(x, y) = w . h_T(x, y) + b        h_T: last hidden state at the final real token (the EOS)
 
@@ -64,34 +64,18 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * (positions + 1)).argmax(-1)
 
 
-def head_rewards(module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y) [B] float32 from an (unwrapped) `LMWithHeads`: its scalar head at the last real token,
-    on the base model's hidden states (the vocabulary projection is skipped)."""
-    if getattr(module, "value_head", None) is None:
-        raise RewardModelError(
-            "this policy has no scalar head: reward-model objectives set `needs_value_head` (the `hf` policy then "
-            "adds one); to score, load a directory written by reward-model training"
-        )
-    last = last_token_index(attention_mask)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as LMWithHeads.forward
-    hidden = module.value_trunk.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return module.value_head(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
-
-
 def sequence_rewards(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y) [B] float32 of a policy being trained.
-
-    Unwrapped (one process) this is `head_rewards` on the module; under DDP/FSDP it goes through
-    the wrapper's forward (`return_values=True`, which also computes the unused log-probs) so
-    that gradients are synchronised.
-    """
-    module = policy.module
-    if policy.model is module:
-        return head_rewards(module, input_ids, attention_mask)
-    if getattr(module, "value_head", None) is None:
-        return head_rewards(module, input_ids, attention_mask)  # raises the explanatory error
+    """r(x, y) [B] float32: the policy's scalar head (`Policy.values`) at the last real token of
+    each row. It runs through the policy's (possibly DDP-wrapped) model, so that gradients are
+    synchronised, and skips the log-probs."""
+    try:
+        values = policy.values(input_ids, attention_mask)
+    except NotImplementedError as e:
+        raise RewardModelError(
+            f"{e}. Reward-model objectives set `needs_value_head` (the trainer then asks the policy for a head); "
+            "to score, load a directory written by reward-model training"
+        ) from None
     last = last_token_index(attention_mask)
-    values = policy.model(input_ids, attention_mask, return_values=True)["values"]
     return values[torch.arange(len(last), device=last.device), last].float()
 
 
@@ -188,7 +172,7 @@ class RewardModel:
                 idx = order[k : k + self.batch_size]
                 ids = pad([rows[i] for i in idx], self.tokenizer.pad_token_id)
                 attn = pad([[1] * len(rows[i]) for i in idx], 0)
-                out[idx] = head_rewards(module, ids.to(device), attn.to(device)).cpu()
+                out[idx] = sequence_rewards(self.policy, ids.to(device), attn.to(device)).cpu()
         finally:
             module.train(was_training)
         bad = (~torch.isfinite(out)).nonzero().flatten().tolist()

@@ -14,7 +14,6 @@ adopted as the stage instead of training it a second time.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ from pydantic import Field
 from rlhfzoo import hookimpl
 from rlhfzoo.config import load_config
 from rlhfzoo.evaluation import evaluate
-from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfig, Stage
-from rlhfzoo.trainer import Trainer
+from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfig
+from rlhfzoo.stages import TrainingStage
 
 REPORT_FILE = "sft_report.json"  # held-out figures of the stage's policy, beside its weights
 
@@ -95,32 +94,28 @@ def run_eval(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-class SFTStage(Stage):
+class SFTStage(TrainingStage):
     name = "sft"
     summary = "The task's SFT policy (`init: sft`): the `sft` objective on its demonstrations, from scratch, with its sft_recipe()."
     paper = "Ouyang et al. 2022, arXiv:2203.02155"
-    output = "run/policy"
+    trains = "the SFT policy"
 
-    def key(self, task) -> dict[str, Any]:
+    def run_data(self, task) -> dict[str, Any]:
         return sft_run_data(task)
 
-    def build(self, directory: Path, task, log, progress: bool = False) -> None:
-        if log:
-            log(f"[rlhfzoo] training the SFT policy for task {task.name!r} (cached for later runs)")
-        data = sft_run_data(task)
-        data = {**data, "train": {**data["train"], "progress": progress}, "output_dir": str(directory / "run")}
-        trainer = Trainer(load_config(data=data), log=log)
-        trainer.fit()
+    def after_training(self, directory: Path, trainer, summary, log) -> None:
+        """The policy's figures on 128 held-out prompts, beside its weights."""
         report = evaluate(trainer.policy, trainer.task, n_prompts=128, seed=0)
         (directory / self.output / REPORT_FILE).write_text(json.dumps(report, indent=1))
         if log:
-            log(f"[rlhfzoo] SFT policy for {task.name!r}: " + ", ".join(f"{k}={v:.3f}" for k, v in report.items()))
+            log(f"[rlhfzoo] SFT policy for {trainer.task.name!r}: " + ", ".join(f"{k}={v:.3f}" for k, v in report.items()))
 
     def adopts(self, cfg, run_dir: Path) -> bool:
         return run_eval(run_dir) is not None and is_sft_stage(cfg)
 
     def adopt(self, cfg, run_dir: Path, directory: Path) -> None:
-        shutil.copytree(run_dir / "policy", directory / self.output)
+        """The run's policy, and its held-out figures as the report."""
+        super().adopt(cfg, run_dir, directory)
         (directory / self.output / REPORT_FILE).write_text(json.dumps(run_eval(run_dir), indent=1))
 
 

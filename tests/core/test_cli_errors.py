@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfzoo import config as config_module
+from rlhfzoo import sections as sections_module
 from rlhfzoo import cli, hookimpl
 from rlhfzoo.interfaces import LossOutput, Objective
 from rlhfzoo.registry import BUILTIN_PLUGINS, Registry
@@ -177,7 +177,7 @@ def registry_with_a_bad_plugin(monkeypatch):
     with pytest.warns(RuntimeWarning):
         reg.register_plugin(_BadConfigPlugin(), name="bad_plugin", package="rlhfzoo-bad")
     monkeypatch.setattr(cli, "registry", reg)
-    monkeypatch.setattr(config_module, "registry", reg)
+    monkeypatch.setattr(sections_module, "registry", reg)  # where config sections look plugins up
     return reg
 
 

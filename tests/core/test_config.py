@@ -164,3 +164,63 @@ def test_a_plugins_own_check_reads_as_one_line():
     with pytest.raises(ConfigError) as e:
         load_config(data={**BASE, "algorithm": {"name": "bradley-terry", "utility": "power", "gamma": 2}})
     assert e.value.errors == [("algorithm", "utility `power` needs 0 < gamma <= 1 (a concave x^gamma), got gamma=2.0")]
+
+
+# ------------------------------------------------------------------------------ nested plugin sections
+
+
+def _holder():
+    """A plugin config that holds a policy section and a list of reward sources with a share each."""
+    from pydantic import Field
+
+    from rlhfzoo.interfaces import PluginConfig
+    from rlhfzoo.sections import PluginSection, PolicySection
+
+    class Share(PluginConfig):
+        share: float = Field(1.0, description="The holder's own setting of each source.")
+
+    SharedSource = PluginSection.of("reward_source", own=Share)
+
+    class Holder(PluginConfig):
+        policy: PolicySection = Field(default_factory=lambda: {"name": "hf", "init": "sft"}, validate_default=True)
+        sources: list[SharedSource] = []
+
+    return Holder
+
+
+def test_a_nested_section_is_a_name_or_a_mapping_and_dumps_as_written():
+    Holder = _holder()
+    h = Holder(policy={"top_k": 2, "name": "transformers", "init": "scratch"}, sources=["gold", {"name": "reward-model", "share": 0.5, "path": "auto"}])
+    assert h.model_dump(mode="json") == {
+        "policy": {"top_k": 2, "name": "transformers", "init": "scratch"},  # as written: the alias, no defaults filled in
+        "sources": [{"name": "gold"}, {"name": "reward-model", "share": 0.5, "path": "auto"}],
+    }
+    assert Holder.model_validate(h.model_dump(mode="json")) == h
+    assert h.policy.entry.name == "hf" and h.policy.name == "transformers" and h.policy.config.top_k == 2
+    assert Holder().policy.required_stages() == ["sft"] and h.policy.required_stages() == []
+    rm = h.sources[1]
+    assert rm.options == {"path": "auto"} and rm.own.share == 0.5 and rm.config.path == "auto"
+    assert rm.required_stages() == ["reward-model"]
+    moved = rm.with_options(batch_size=8)
+    assert moved.config.batch_size == 8 and moved.own.share == 0.5 and moved.to_dict()["batch_size"] == 8
+
+
+def test_a_nested_sections_problems_are_at_their_path_with_the_nested_plugins_did_you_mean():
+    from pydantic import ValidationError
+
+    Holder = _holder()
+    with pytest.raises(ValidationError) as e:
+        Holder(policy={"name": "hf", "n_layr": 2}, sources=[{"name": "gold", "share": "most"}, {"name": "gld"}, 3])
+    found = {tuple(err["loc"]): err["msg"] for err in e.value.errors()}
+    assert set(found) == {("policy", "n_layr"), ("sources", 0, "share"), ("sources", 1, "name"), ("sources", 2)}
+    assert found[("policy", "n_layr")].startswith("unknown key 'n_layr'. Did you mean 'n_layer'? Valid keys: init, arch,")
+    assert "Did you mean 'gold'?" in found[("sources", 1, "name")]
+    assert found[("sources", 2)] == "must be a mapping with a `name`, got int"
+
+
+def test_nested_sections_in_a_run_config_are_reported_at_their_full_path():
+    data = {"task": "sentiment", "policy": {"name": "best-of-n", "base": {"name": "best-of-n", "base": {"name": "hf", "n_layr": 2}}}}
+    with pytest.raises(ConfigError) as e:
+        load_config(data=data, require=("task",))
+    assert [p for p, _ in e.value.errors] == ["policy.base.base.n_layr"]
+    assert "Did you mean 'n_layer'?" in str(e.value)

@@ -146,3 +146,43 @@ def test_running_moments_match_the_pooled_statistics():
     other.load_state_dict(rm.state_dict())
     assert other.state_dict() == rm.state_dict()
     assert math.isfinite(RunningMoments().std)
+
+
+def test_running_moments_by_hand():
+    """Batches [1, 2] then [3, 4, 5]: mean 3, population variance 10 / 5 = 2, sample variance 10 / 4."""
+    sample, population = RunningMoments(), RunningMoments(unbiased=False)
+    for rm in (sample, population):
+        assert rm.update(torch.tensor([1.0, 2.0])) == (1.5, pytest.approx(math.sqrt(0.5)))  # the batch's own
+        rm.update(torch.tensor([3.0, 4.0, 5.0]))
+        assert rm.mean == pytest.approx(3.0) and rm.count == 5 and rm.var == pytest.approx(2.0)
+    assert sample.std == pytest.approx(math.sqrt(2.5)) and population.std == pytest.approx(math.sqrt(2.0))
+
+
+def test_running_moments_std_is_one_until_two_values():
+    for unbiased in (True, False):
+        rm = RunningMoments(unbiased=unbiased)
+        assert rm.std == 1.0  # nothing seen: no spread to divide by
+        rm.update(torch.tensor([7.0]))
+        assert rm.mean == 7.0 and rm.std == 1.0
+        rm.update(torch.tensor([11.0]))  # [7, 11]: squared deviations 4 + 4
+        assert rm.std == pytest.approx(math.sqrt(8.0) if unbiased else 2.0)
+
+
+def test_running_moments_load_a_checkpointed_state():
+    """The state a checkpoint holds (PPO's `reward_moments`): mean, population variance, count."""
+    rm = RunningMoments()
+    rm.load_state_dict({"mean": 0.5, "var": 2.0, "count": 4})
+    assert rm.state_dict() == {"mean": 0.5, "var": 2.0, "count": 4}
+    assert rm.std == pytest.approx(math.sqrt(2.0 * 4 / 3))
+    rm.update(torch.tensor([0.5, 0.5, 0.5, 0.5]))  # four more at the mean: the spread halves
+    assert rm.mean == 0.5 and rm.count == 8 and rm.var == pytest.approx(1.0)
+
+
+def test_running_moments_population_std_matches_the_pooled_statistics():
+    torch.manual_seed(3)
+    xs = torch.randn(100, dtype=torch.float64)
+    rm = RunningMoments(unbiased=False)
+    for chunk in xs.split(7):
+        rm.update(chunk)
+    assert rm.mean == pytest.approx(xs.mean().item(), rel=1e-9)
+    assert rm.std == pytest.approx(xs.std(unbiased=False).item(), rel=1e-9)

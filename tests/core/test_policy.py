@@ -1,15 +1,23 @@
 """rlhfzoo.policy: the value head on the policy's own transformer (`critic: shared`) or on a
 separate critic model (`critic: separate`): whose weights each loss reaches, saving and
-loading, the reference copy, and PPO training with a separate critic through the trainer."""
+loading, the reference copy, and PPO training with a separate critic through the trainer.
+The `Policy` interface's optional members on the `hf` policy (attached modules, values,
+hidden states) and its defaults on a third-party policy that implements only what is abstract."""
 
+import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 
+from rlhfzoo import kernels
 from rlhfzoo.config import load_config
 from rlhfzoo.errors import UserError
+from rlhfzoo.interfaces import EmptyConfig, Policy
 from rlhfzoo.plugins.sentiment import SentimentTask
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 from rlhfzoo.pretrained import LoadError
@@ -167,3 +175,209 @@ def test_weights_or_tokenizer_that_do_not_load_are_one_user_error(tmp_path, task
     with pytest.raises(LoadError, match=r"policy\.tokenizer: could not load a tokenizer from the directory .*broken"):
         HFPolicy(HFPolicyConfig(**TINY, tokenizer=str(broken)), task=task)
     assert issubclass(LoadError, UserError)
+
+
+# ------------------------------------------------------------------------------ attached modules
+
+
+def save_extra(module: torch.nn.Module, path: str) -> None:
+    save_file(module.state_dict(), os.path.join(path, "extra.safetensors"))
+
+
+def with_extra(task, seed: int) -> tuple[HFPolicy, torch.nn.Module]:
+    policy = HFPolicy(HFPolicyConfig(**TINY), task=task)
+    torch.manual_seed(seed)
+    return policy, policy.attach("extra", torch.nn.Linear(4, 3), save=save_extra)
+
+
+def test_an_attached_module_is_trained_checkpointed_and_saved(task, tmp_path):
+    policy, extra = with_extra(task, seed=0)
+    assert policy.attached("extra") is extra and policy.attached("other") is None
+    assert any(p is q for p in extra.parameters() for q in policy.parameters())  # the optimizer sees it
+
+    policy.save_weights(str(tmp_path / "model.safetensors"))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert {"extra.weight", "extra.bias"} <= set(f.keys())
+    restored, other = with_extra(task, seed=1)
+    assert not torch.equal(other.weight, extra.weight)
+    restored.load_weights(str(tmp_path / "model.safetensors"))
+    assert restored.attached("extra") is other and torch.equal(other.weight, extra.weight)
+
+    policy.save(str(tmp_path / "policy"))
+    written = load_file(str(tmp_path / "policy" / "extra.safetensors"))
+    assert torch.equal(written["weight"], extra.weight) and torch.equal(written["bias"], extra.bias)
+    assert (tmp_path / "policy" / "config.json").exists()  # the LM is saved as before
+
+
+def test_a_module_attached_without_a_save_function_is_only_in_the_weights(task, tmp_path):
+    policy = HFPolicy(HFPolicyConfig(**TINY), task=task)
+    policy.attach("extra", torch.nn.Linear(4, 3))
+    policy.save(str(tmp_path / "policy"))
+    assert not (tmp_path / "policy" / "extra.safetensors").exists()
+    policy.save_weights(str(tmp_path / "model.safetensors"))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "extra.weight" in f.keys()
+
+
+def test_attached_names_must_be_new(task):
+    policy, _ = with_extra(task, seed=0)
+    with pytest.raises(ValueError, match="'extra': already attached"):
+        policy.attach("extra", torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="'lm': a name of the policy's own module"):
+        policy.attach("lm", torch.nn.Linear(4, 3))
+
+
+def test_the_frozen_copy_carries_attached_modules(task, tmp_path):
+    policy, extra = with_extra(task, seed=0)
+    reference = policy.frozen_copy()
+    copied = reference.attached("extra")
+    assert copied is not None and copied is not extra
+    assert torch.equal(copied.weight, extra.weight) and not copied.weight.requires_grad
+    reference.save(str(tmp_path / "reference"))  # the save function travels with the module
+    assert torch.equal(load_file(str(tmp_path / "reference" / "extra.safetensors"))["weight"], extra.weight)
+
+
+# ------------------------------------------------------------------------------ values, hidden states
+
+
+class Wrapper(torch.nn.Module):
+    """Stands in for a DDP wrapper: `module` is the wrapped model, and forwards are counted."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_values_are_the_value_path_of_forward_without_the_logprobs(task, critic, monkeypatch):
+    policy = HFPolicy(HFPolicyConfig(**TINY, value_head=True, critic=critic), task=task)
+    with torch.no_grad():
+        policy.module.value_head.weight.normal_()
+    ids, attn = batch(policy)
+    expected = policy.forward(ids, attn, return_values=True)["values"]
+    policy.model = Wrapper(policy.module)
+
+    def no_logprobs(*args, **kwargs):
+        raise AssertionError("values() computed log-probs")
+
+    monkeypatch.setattr(kernels, "linear_logprobs", no_logprobs)
+    lm_runs = []
+    policy.module.lm.base_model.register_forward_hook(lambda *_: lm_runs.append(1))
+    values = policy.values(ids, attn)
+    assert policy.model.calls == 1  # through the (wrapped) model, so DDP would synchronise its gradients
+    assert len(lm_runs) == (1 if critic == "shared" else 0)  # a separate critic alone gives the values
+    assert values.shape == ids.shape and values.dtype == torch.float32
+    assert torch.equal(values, expected)
+
+
+def test_values_need_a_value_head(task):
+    policy = HFPolicy(HFPolicyConfig(**TINY), task=task)
+    ids, attn = batch(policy)
+    with pytest.raises(NotImplementedError, match="policy 'hf' has no value head"):
+        policy.values(ids, attn)
+
+
+def test_with_value_head_adds_the_head_and_keeps_the_rest(task):
+    config = HFPolicyConfig(**TINY, critic="separate")
+    with_head = HFPolicy.with_value_head(config)
+    assert with_head.value_head and not config.value_head
+    assert with_head.model_dump(exclude={"value_head"}) == config.model_dump(exclude={"value_head"})
+    assert HFPolicy(with_head, task=task).module.value_head is not None
+
+
+def test_hidden_states_and_output_layer_give_the_logprobs(task):
+    """The LM head on the hidden states of the transformer, at left-padded positions, is the policy."""
+    policy = HFPolicy(HFPolicyConfig(**TINY), task=task)
+    ids, attn = batch(policy)
+    assert (attn == 0).any()  # a left-padded row
+    with torch.no_grad():
+        hidden = policy.hidden_states(ids, attn)
+        head = policy.output_layer()
+        assert hidden.shape == (*ids.shape, head.weight.shape[1])
+        logp = torch.log_softmax(head(hidden[:, :-1]).float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        expected = policy.logprobs(ids, attn)
+    real = attn[:, 1:].bool()
+    assert torch.allclose(logp[real], expected[real], atol=1e-5)
+    assert policy.transformer() is policy.module.lm.base_model  # the module ILQL copies as its value trunk
+
+
+# ------------------------------------------------------------------------------ a third-party policy
+
+
+class BigramPolicy(Policy):
+    """A policy implementing only the abstract methods: a bigram table over a small vocabulary."""
+
+    name = "bigram"
+
+    def __init__(self, vocab: int = 8):
+        self.model = torch.nn.Embedding(vocab, vocab)
+        self.tokenizer = None
+
+    def generate(self, prompts, **sampling):
+        raise NotImplementedError("not needed by these tests")
+
+    def logprobs(self, input_ids, attention_mask):
+        logp = torch.log_softmax(self.model(input_ids[:, :-1]), -1)
+        return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+    def frozen_copy(self):
+        copied = copy.deepcopy(self)
+        copied.model.requires_grad_(False)
+        return copied
+
+    def save(self, path):
+        os.makedirs(path, exist_ok=True)
+        save_model(self.model, os.path.join(path, "model.safetensors"))
+
+    def save_weights(self, file):
+        save_model(self.model, file)
+
+    def load_weights(self, path):
+        load_model(self.model, path)
+
+
+def test_a_third_party_policy_gets_counters_and_clear_errors():
+    policy, other = BigramPolicy(), BigramPolicy()
+    assert policy.counters == {} and policy.counters is policy.counters
+    policy.counters["train_tokens"] = 3
+    assert other.counters == {}  # each policy its own dict
+    policy.counters = {"generated_tokens": 1}
+    assert policy.counters == {"generated_tokens": 1}
+    ids = torch.tensor([[1, 2, 3]])
+    for call in (
+        lambda: policy.values(ids, torch.ones_like(ids)),
+        lambda: policy.hidden_states(ids, torch.ones_like(ids)),
+        policy.output_layer,
+        policy.transformer,
+        lambda: policy.attach("extra", torch.nn.Linear(2, 2)),
+    ):
+        with pytest.raises(NotImplementedError, match="policy 'bigram'"):
+            call()
+    assert policy.attached("extra") is None
+    with pytest.raises(UserError, match="policy 'bigram' has no value head, which this objective needs"):
+        BigramPolicy.with_value_head(EmptyConfig())
+
+
+def test_the_trainer_checkpoints_a_third_party_policy(tmp_path):
+    """The trainer's checkpoint code needs nothing beyond the abstract methods and `counters`."""
+    trainer = Trainer(load_config(data=contract_config("sft", tmp_path / "run", reward=None)), log=lambda *_: None)
+    policy = BigramPolicy()
+    trainer.policy = policy
+    trainer.optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
+    trainer.prepare_output(resume=False, overwrite=False)
+    policy.counters["train_tokens"] = 5
+    trainer.step = 1
+    ckpt = trainer.save_checkpoint()
+    saved = policy.model.weight.detach().clone()
+    with torch.no_grad():
+        policy.model.weight.add_(1.0)
+    policy.counters["train_tokens"] = 99
+    trainer.load_checkpoint(ckpt)
+    assert torch.equal(policy.model.weight, saved)
+    assert policy.counters == {"train_tokens": 5}

@@ -156,10 +156,29 @@ class ReadsStageB(RewardSource):
         return torch.zeros(len(responses))
 
 
+class TinyTraining(stages.TrainingStage):
+    """A third party's training stage: two `sft` steps of a tiny policy from stage a's task, a note
+    of the run after training, and any run with a `tests-adopt-me` file adopted."""
+
+    name = "tests-tiny-training"
+    requires = ("tests-stage-a",)
+    trains = "a tiny policy"
+
+    def run_data(self, task):
+        return {"task": {"name": task.name, "seed": task.config.seed}, "policy": dict(TINY_POLICY), "algorithm": {"name": "sft"},
+                "train": {"steps": 2, "batch_size": 4, "eval_prompts": 0, "progress": False}}
+
+    def after_training(self, directory, trainer, summary, log):
+        (directory / "note.json").write_text(json.dumps({"step": summary["step"], "progress": trainer.train.progress}))
+
+    def adopts(self, cfg, run_dir):
+        return (run_dir / "tests-adopt-me").exists()
+
+
 class ThirdPartyStages:
     @hookimpl
     def register_stages(self, register):
-        for cls in (StageA, StageB, StageUnused, StageLoopX, StageLoopY):
+        for cls in (StageA, StageB, StageUnused, StageLoopX, StageLoopY, TinyTraining):
             register(cls)
 
     @hookimpl
@@ -203,6 +222,43 @@ def test_stages_that_require_each_other_are_an_error(third_party):
 def test_an_unknown_stage_says_what_was_meant():
     with pytest.raises(KeyError, match="Stage 'reward-modle' is not registered. Did you mean 'reward-model'?"):
         stages.path("reward-modle", SentimentTask())
+
+
+# ---------------------------------------------------------------------------- stages that train
+
+
+def test_a_training_stage_trains_its_run_config_into_its_artifact(third_party):
+    task = SentimentTask(SentimentTask.Config(seed=4))
+    stage = stages.get("tests-tiny-training")
+    assert stage.key(task) == {**stage.run_data(task), "tests-stage-a": {"seed": 4}}  # what it starts from is in its key
+    logged = []
+    out = stages.build("tests-tiny-training", task, log=logged.append, progress=True)
+    assert BUILT == ["tests-stage-a"] and logged[0] == "[rlhfzoo] training a tiny policy for task 'sentiment' (cached for later runs)"
+    assert out.parts[-2:] == ("run", "policy") and (out / "model.safetensors").exists()
+    assert json.loads((out.parents[1] / "note.json").read_text()) == {"step": 2, "progress": True}  # the bar as asked
+    assert stages.path("tests-tiny-training", task) == out
+
+
+def test_a_training_stage_adopts_a_run_by_copying_its_output(third_party, tmp_path):
+    run = tmp_path / "run"
+    (run / "policy").mkdir(parents=True)
+    (run / "policy" / "weights.txt").write_text("trained")
+    (run / "tests-adopt-me").touch()
+    cfg = load_config(data={"task": {"name": "sentiment", "seed": 5}, "policy": dict(TINY_POLICY), "algorithm": {"name": "sft"}})
+    [(name, out)] = stages.adopt(cfg, run, log=None)
+    assert name == "tests-tiny-training" and (out / "weights.txt").read_text() == "trained"
+    assert stages.path("tests-tiny-training", SentimentTask(SentimentTask.Config(seed=5))) == out
+    assert BUILT == []  # adopted: nothing trained
+
+
+def test_builtin_training_stages_run_their_run_config_after_what_they_require():
+    task = SentimentTask()
+    training = [stages.get(name) for name in BUILTIN_STAGES if issubclass(registry.get("stage", name).cls, stages.TrainingStage)]
+    assert {stage.name for stage in training} == {"sft", "reward-model", "judge"}
+    for stage in training:
+        assert stage.output == "run/policy" and stage.trains
+        assert stage.key(task) == {**stage.run_data(task), **{r: stages.get(r).key(task) for r in stage.requires}}
+        assert load_config(data={**stage.run_data(task), "output_dir": "unused"}).algorithm is not None  # a valid run config
 
 
 # ---------------------------------------------------------------------------- the contract of every stage

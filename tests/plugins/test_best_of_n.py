@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from rlhfzoo import hookimpl, stages
+from rlhfzoo.config import ConfigError, load_config
 from rlhfzoo.evaluation import evaluate
 from rlhfzoo.interfaces import RewardSource
 from rlhfzoo.plugins.best_of_n import BestOfN, concat_rollouts, evaluate_config
@@ -94,13 +96,24 @@ def test_a_policy_for_evaluation_and_the_registry(task):
     assert BestOfN.bench is not None and all(f.description for f in BestOfN.Config.model_fields.values())
 
 
-def test_bad_sub_configs_are_reported(task):
-    with pytest.raises(ValueError, match="must be a mapping with a `name`"):
+def test_bad_sub_configs_are_reported_when_the_config_is_read():
+    with pytest.raises(ValidationError) as e:
         BestOfN.Config(base={"init": "sft"})
-    with pytest.raises(ValueError, match=r"policy.base.temprature"):
-        make(task, 2, base={**TINY, "temprature": 1.0})
-    with pytest.raises(KeyError, match="not registered"):
-        make(task, 2, reward="no-such-reward")
+    assert [(err["loc"], err["msg"]) for err in e.value.errors()] == [(("base", "name"), "required: the registered name of the policy to use")]
+    with pytest.raises(ConfigError, match=r"policy.base.temprature: unknown key 'temprature'. Did you mean 'temperature'\?"):
+        load_config(data={"task": "sentiment", "policy": {"name": "best-of-n", "base": {**TINY, "temprature": 1.0}}}, require=("task",))
+    with pytest.raises(ConfigError, match=r"policy.reward.name: Reward source 'no-such-reward' is not registered"):
+        load_config(data={"task": "sentiment", "policy": {"name": "best-of-n", "reward": "no-such-reward"}}, require=("task",))
+
+
+def test_sub_configs_dump_as_written():
+    """config.yaml and cache keys hold the sections as given: no defaults filled in, aliases kept."""
+    options = {"n": 4, "base": {"name": "transformers", "init": "sft", "top_k": 3}, "reward": {"name": "gold"}}
+    config = BestOfN.Config(**options)
+    assert config.model_dump(mode="json") == {**options, "chunk_size": 1024}
+    assert BestOfN.Config(reward="gold").model_dump(mode="json")["reward"] == {"name": "gold"}  # a name alone
+    assert config.base.config.top_k == 3 and config.base.entry.name == "hf"
+    assert BestOfN.required_stages(config) == ["sft"]
 
 
 def test_evaluate_config_builds_the_stages_it_reads_first(task, tmp_path, monkeypatch):

@@ -86,16 +86,27 @@ def test_gold_and_weights_on_a_real_task():
 @pytest.mark.parametrize(
     "reward, message",
     [
-        ({"name": "combined", "sources": [{"name": "test-lenght"}]}, "Did you mean 'test-length'"),
-        ({"name": "combined", "sources": [{"name": "test-length", "scael": 2}]}, "sources\\[0\\].scael: unknown option of 'test-length'; did you mean 'scale'"),
-        ({"name": "combined", "sources": [{"name": "test-length", "scale": "big"}]}, "sources\\[0\\].scale"),
-        ({"name": "combined", "sources": [{"weight": 1.0}]}, "sources\\[0\\]: needs a `name`"),
-        ({"name": "combined", "sources": [{"name": "test-length", "weight": "heavy"}]}, "weight: must be a number"),
+        ({"name": "combined", "sources": [{"name": "test-lenght"}]}, "reward.sources.0.name: .*Did you mean 'test-length'"),
+        ({"name": "combined", "sources": [{"name": "test-length", "scael": 2}]}, "reward.sources.0.scael: unknown key 'scael'. Did you mean 'scale'"),
+        ({"name": "combined", "sources": [{"name": "test-length", "scale": "big"}]}, "reward.sources.0.scale: Input should be a valid number"),
+        ({"name": "combined", "sources": [{"weight": 1.0}]}, "reward.sources.0.name: required: the registered name of the reward source"),
+        ({"name": "combined", "sources": [{"name": "test-length", "weight": "heavy"}]}, "reward.sources.0.weight: Input should be a valid number"),
+        ({"name": "combined", "sources": [{"name": "test-length", "weight": True}]}, "reward.sources.0.weight: Input should be a valid number"),
         ({"name": "combined", "sources": [{"name": "test-length"}], "gate": {"source_index": 3}}, "gate.source_index: 3"),
         ({"name": "combined", "sources": []}, "at least 1"),
-        ({"name": "combined", "sources": [{"name": "reward-model", "normalize": "sometimes"}]}, "sources\\[0\\].normalize"),
+        ({"name": "combined", "sources": [{"name": "gold"}, {"name": "reward-model", "normalize": "sometimes"}]}, "reward.sources.1.normalize"),
     ],
 )
 def test_bad_sub_source_configs_are_reported_when_the_config_is_read(reward, message):
     with pytest.raises(ConfigError, match=message):
         load_config(data={"task": {"name": "sentiment"}, "algorithm": {"name": "sft"}, "reward": reward})
+
+
+def test_sources_dump_as_written():
+    """config.yaml and cache keys hold each source as given: weight only where given, no defaults filled in."""
+    sources = [{"name": "test-length", "scale": 2.0}, {"weight": 2, "name": "test-safety"}, "test-length"]
+    cfg = load_config(data={"task": {"name": "sentiment"}, "algorithm": {"name": "sft"}, "reward": {"name": "combined", "sources": sources}})
+    assert cfg.to_dict()["reward"] == {"name": "combined", "sources": [sources[0], sources[1], {"name": "test-length"}], "gate": None}
+    src = cfg.reward.create()
+    assert src.weights == [1.0, 2.0, 1.0] and src.names == ["test-length", "test-safety", "test-length"]
+    assert src.sources[0].config.scale == 2.0

@@ -14,7 +14,7 @@ import torch
 
 from rlhfzoo import stages
 from rlhfzoo.cli import main as cli_main
-from rlhfzoo.config import load_config
+from rlhfzoo.config import ConfigError, load_config
 from rlhfzoo.errors import UserError
 from rlhfzoo.plugins.critique import (
     CritiqueReward,
@@ -165,6 +165,19 @@ def test_config_checks():
         with pytest.raises(ValueError, match="max_failure_rate") as e:
             CritiqueReward.Config(max_failure_rate=bad)
         assert "Extra inputs" not in str(e.value)
+
+
+def test_the_judge_section_is_checked_at_its_full_path_and_dumps_as_written():
+    data = {"task": {"name": "sentiment"}, "algorithm": {"name": "sft"}}
+    with pytest.raises(ConfigError, match=r"reward.judge.top_kk: unknown key 'top_kk'. Did you mean 'top_k'\?"):
+        load_config(data={**data, "reward": {"name": "critique", "judge": {"name": "hf", "top_kk": 1}}})
+    with pytest.raises(ConfigError, match=r"reward.judge.name: Policy 'hff' is not registered. Did you mean 'hf'\?"):
+        load_config(data={**data, "reward": {"name": "critique", "judge": {"name": "hff"}}})
+    judge = {"name": "hf", "init": "sft", "top_k": 2}
+    cfg = load_config(data={**data, "reward": {"name": "critique", "judge": judge}})
+    assert cfg.to_dict()["reward"]["judge"] == judge
+    assert CritiqueReward.required_stages(cfg.reward.config) == ["sft"]  # what the judge policy reads
+    assert CritiqueReward.required_stages(CritiqueReward.Config()) == ["judge"]  # init: auto, the task's judge stage
 
 
 # ------------------------------------------------------------------------------ HTTP backend
@@ -333,7 +346,7 @@ def test_http_url_forms():
 def test_sentiment_judge_ranks_like_the_gold_reward():
     """The task's `judge` stage (`sft` on its critiques, from its SFT policy) through the `critique`
     source with the default `policy` backend: Spearman correlation with the gold reward (0.80
-    with 2 threads, 0.87-0.88 with one, 2026-11-22; the true critiques' ratings reach 0.99)."""
+    with 2 threads, 0.87-0.88 with one; the true critiques' ratings reach 0.99)."""
     task = SentimentTask()
     for name in ("judge", "sft-samples-test"):  # what the source and the held-out examples read
         stages.build(name, task)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from rlhfzoo.config import load_config
 from rlhfzoo.data.jsonl import DataError
@@ -15,16 +16,14 @@ from rlhfzoo.plugins.ilql import (
     ILQL,
     ILQLConfig,
     ILQLHeads,
-    ILQLPolicy,
-    ILQLPolicyConfig,
     check_rewarded,
     expectile_loss,
     heads_of,
     ilql_terms,
     load_rewarded_jsonl,
-    nucleus,
     polyak_update,
 )
+from rlhfzoo.plugins.ilql_policy import ILQLPolicy, ILQLPolicyConfig, nucleus
 from rlhfzoo.plugins.sentiment import SentimentTask
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 from rlhfzoo.trainer import Trainer
@@ -192,15 +191,15 @@ def test_decoding_next_token_distributions(beta, value_trunk):
     ids, attn = dec.encode_prompts(prompts, dec.config)
     forced = torch.tensor([[5, 9, 12, 7], [8, 6, 11, 10]])
     _, dists, _ = dec.decode(ids, attn, dec.config, forced=forced)
-    assert dists.shape == (2, 4, policy.module.lm.get_output_embeddings().weight.shape[0])
+    assert dists.shape == (2, 4, policy.output_layer().weight.shape[0])
     full_ids = torch.cat([ids, forced], 1)
     full_attn = torch.cat([attn, torch.ones_like(forced)], 1)
     with torch.no_grad():
         pos = (full_attn.cumsum(-1) - 1).clamp(min=0)
-        hidden = policy.module.lm.base_model(input_ids=full_ids, attention_mask=full_attn, position_ids=pos).last_hidden_state
+        hidden = policy.transformer()(input_ids=full_ids, attention_mask=full_attn, position_ids=pos).last_hidden_state
         P = ids.shape[1]
         h = hidden[:, P - 1 : P + 3]
-        base = torch.log_softmax(policy.module.lm.get_output_embeddings()(h).float(), -1)
+        base = torch.log_softmax(policy.output_layer()(h).float(), -1)
         heads = heads_of(policy)
         hv = heads.states(hidden, full_ids, full_attn)[:, P - 1 : P + 3]
         assert (heads.trunk is None) == (value_trunk == "shared") and torch.equal(hv, h) == (value_trunk == "shared")
@@ -277,8 +276,8 @@ def test_base_top_p_samples_only_inside_the_base_nucleus():
     ids, attn = dec.encode_prompts(["the movie was"], dec.config)
     _, dists, _ = dec.decode(ids, attn, dec.config, forced=torch.tensor([[5, 6]]))
     with torch.no_grad():
-        h = policy.module.lm.base_model(input_ids=ids).last_hidden_state[:, -1]
-        base = torch.log_softmax(policy.module.lm.get_output_embeddings()(h).float(), -1)
+        h = policy.transformer()(input_ids=ids).last_hidden_state[:, -1]
+        base = torch.log_softmax(policy.output_layer()(h).float(), -1)
     allowed = nucleus(base, 0.5)[0]
     finite = torch.isfinite(dists[0, 0])
     assert finite.any() and (finite == allowed).all()
@@ -365,6 +364,32 @@ def test_run_saves_heads_and_the_ilql_policy_loads_them(tmp_path):
         assert len(loaded.generate(["the movie was"]).responses) == 1
     with pytest.raises(ValueError, match="no ilql_heads.safetensors"):
         ILQLPolicy(ILQLPolicyConfig(path=str(tmp_path)), task=trainer.task)
+
+
+def test_heads_files_in_the_saved_format_load_and_are_written_back_alike(tmp_path):
+    """ilql_heads.safetensors + ilql_heads.json as ILQL runs have always written them (file names,
+    tensor names and metadata spelled out here, not produced by `save_heads`) load into the `ilql`
+    policy, which decodes with them and saves them under the same names."""
+    task = SentimentTask()
+    lm = HFPolicy(HFPolicyConfig(**TINY), task=task)
+    lm.save(str(tmp_path / "old"))
+    vocab, hidden = lm.output_layer().weight.shape
+    torch.manual_seed(0)
+    tensors = {}
+    for head, rows in (("q.0", vocab), ("q.1", vocab), ("target_q.0", vocab), ("target_q.1", vocab), ("v", 1)):
+        tensors[f"{head}.weight"], tensors[f"{head}.bias"] = torch.randn(rows, hidden), torch.randn(rows)
+    tensors.update({f"trunk.{k}": v + 0.01 * torch.randn_like(v) for k, v in lm.transformer().state_dict().items()})
+    save_file(tensors, str(tmp_path / "old" / "ilql_heads.safetensors"))
+    meta = {"hidden": hidden, "vocab": vocab, "width": 0, "two_q": True, "separate_trunk": True}
+    (tmp_path / "old" / "ilql_heads.json").write_text(json.dumps(meta))
+
+    policy = ILQLPolicy(ILQLPolicyConfig(path=str(tmp_path / "old"), beta=1.0), task=task)
+    loaded = heads_of(policy).state_dict()
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert len(policy.generate(["the movie was"]).responses) == 1
+    policy.save(str(tmp_path / "again"))
+    assert load_file(str(tmp_path / "again" / "ilql_heads.safetensors")).keys() == tensors.keys()
+    assert json.loads((tmp_path / "again" / "ilql_heads.json").read_text()) == meta
 
 
 # ------------------------------------------------------------------------------------ learning

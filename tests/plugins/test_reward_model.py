@@ -20,7 +20,6 @@ from rlhfzoo.plugins.reward_model import (
     REPORT_FILE,
     BradleyTerry,
     RewardModelSource,
-    RunningMoments,
     pairwise_loss,
     ranking_weights,
     utility,
@@ -142,6 +141,27 @@ def test_reward_reads_the_last_real_token_only(task, tiny):
     assert torch.allclose(sequence_rewards(tiny, ids, mask), r, atol=1e-6)
 
 
+def test_the_reward_is_the_head_on_the_last_real_tokens_hidden_state(tiny):
+    """`sequence_rewards` (the head at every position, then the last real token's) against the head
+    applied to the last real token's hidden state alone, with left and right padding."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        tiny.module.value_head.weight.normal_()
+    ids = torch.tensor([[5, 6, 7, 0, 0], [0, 0, 8, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        hidden = tiny.hidden_states(ids, mask)
+        expected = tiny.module.value_head(hidden[torch.arange(2), torch.tensor([2, 4])]).squeeze(-1)
+        assert torch.allclose(sequence_rewards(tiny, ids, mask), expected, atol=1e-6)
+
+
+def test_a_policy_without_a_scalar_head_cannot_score(task):
+    plain = HFPolicy(HFPolicyConfig(init="scratch", n_layer=1, n_embd=32, n_head=2), task=task)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(RewardModelError, match="policy 'hf' has no value head.*needs_value_head"):
+        sequence_rewards(plain, ids, torch.ones_like(ids))
+
+
 def test_kwise_weighting_and_identical_pairs_in_the_loss(task, tiny):
     torch.manual_seed(0)
     with torch.no_grad():
@@ -260,13 +280,6 @@ def test_normalisation_and_clipping(rm_dir):
     r = clipped.score(prompts, responses).double()
     assert r.abs().max().item() == pytest.approx(clip, rel=1e-6)
     assert clipped.metrics()["rm_clipped"] == float(((raw - raw.mean()).abs() > clip).sum())
-
-
-def test_running_moments_match_batch_statistics():
-    m, xs = RunningMoments(), torch.randn(100, dtype=torch.float64)
-    for chunk in xs.split(7):
-        m.update(chunk)
-    assert m.mean == pytest.approx(xs.mean().item()) and m.std == pytest.approx(xs.std(unbiased=False).item())
 
 
 def test_truncation_is_counted(rm_dir):
