@@ -24,6 +24,7 @@ from safetensors.torch import load_model, save_model
 
 from rlhfzoo import hookimpl, kernels, stages
 from rlhfzoo.data.collate import pad, prompt_ids
+from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Policy, PluginConfig, Rollout
 from rlhfzoo.pretrained import MODEL_FILES, TOKENIZER_FILES, check_source, load_error
 
@@ -221,6 +222,21 @@ def build_rollout(policy: Policy, prompts: Sequence[str], ids: torch.Tensor, att
     return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
 
 
+def fit_to_context(config: HFPolicyConfig, lm: torch.nn.Module) -> HFPolicyConfig:
+    """`config` with `max_length` lowered to the model's context (its position embeddings), where it
+    is longer: sequences are then truncated to what the model can read instead of indexing past the
+    embeddings. A model whose context leaves no room for a prompt before `max_new_tokens` is an error."""
+    context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+    if not context or config.max_length <= context:
+        return config
+    if config.max_new_tokens >= context:
+        raise UserError(
+            f"policy.max_new_tokens={config.max_new_tokens} leaves no room for a prompt within the model's context of "
+            f"{context} tokens; lower max_new_tokens"
+        )
+    return config.model_copy(update={"max_length": context})
+
+
 class HFPolicy(Policy):
     name = "hf"
     aliases = ("transformers",)
@@ -240,6 +256,7 @@ class HFPolicy(Policy):
             model, tokenizer = self._build(task)
         self.tokenizer = tokenizer
         self.model = model if isinstance(model, LMWithHeads) else LMWithHeads(model, self.config.value_head)
+        self.config = fit_to_context(self.config, self.module.lm)
         if self.config.value_head and self.config.critic == "separate" and self.module.critic is None:
             self.module.critic = copy.deepcopy(self.module.lm)  # the critic starts from the policy's weights
         # Work done, for budgets in comparable units (benchmarks): tokens through training

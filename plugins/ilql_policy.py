@@ -63,6 +63,11 @@ class ILQLPolicy(HFPolicy):
     paper = "Snell et al. 2022, arXiv:2206.11871"
     Config = ILQLPolicyConfig
 
+    @classmethod
+    def required_stages(cls, config: ILQLPolicyConfig) -> list[str]:
+        """A trained run's `path` holds the weights: no stage is read then."""
+        return [] if config.path is not None else super().required_stages(config)
+
     def __init__(self, config: ILQLPolicyConfig | None = None, task: Any = None, model: torch.nn.Module | None = None, tokenizer: Any = None):
         config = config or ILQLPolicyConfig()
         path = None

@@ -69,6 +69,7 @@ def test_bench_outputs_and_resume(env, tmp_path):
     assert not (out / "runs" / "dpo" / "seed-0" / "log.txt").read_text() == ""
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_unknown_algorithm_runs_nothing(env, tmp_path):
     r = bench("--algorithms", "dpo,dpoo", "--out", str(tmp_path / "b"), env=env)
     assert r.returncode == 2

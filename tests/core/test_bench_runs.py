@@ -123,6 +123,7 @@ def test_the_watchdog_notices_the_parent_is_gone():
     assert not alive.is_set()
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_a_locked_run_directory_is_refused_by_bench_and_worker(tmp_path):
     d = tmp_path / "run"
     spec = RunSpec("broken", "dpo", "objective", 0, {"algorithm": {"name": "dpo"}}, str(d), 0)  # fails fast if run

@@ -35,6 +35,7 @@ class CreatesAFile:
         return open, (str(self.marker), "w")
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_a_checkpoint_holding_a_pickle_is_refused_without_unpickling_it(tmp_path):
     out = tmp_path / "run"
     Trainer(sft(out, steps=4, stop_after=2), log=lambda *_: None).fit()

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 RLHFZOO = str(Path(sys.executable).parent / "rlhfzoo")
 
@@ -12,6 +14,7 @@ def run(*args, cwd=REPO, env=None):
     return subprocess.run([RLHFZOO, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_list_and_kinds():
     r = run("list")
     assert r.returncode == 0, r.stderr
@@ -28,6 +31,7 @@ def test_list_and_kinds():
     assert r.returncode == 2 and "unknown kind" in r.stderr
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_show_lists_every_config_field():
     r = run("show", "hf")
     assert r.returncode == 0, r.stderr
@@ -37,6 +41,7 @@ def test_show_lists_every_config_field():
         assert f"    {fname} = " in r.stdout and f.description in r.stdout
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_show_unknown_name_suggests():
     r = run("show", "sentimnt")
     assert r.returncode == 2
@@ -44,12 +49,14 @@ def test_show_unknown_name_suggests():
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_plugins_names_packages():
     r = run("plugins")
     assert r.returncode == 0
     assert "rlhfzoo.plugins.sft  [rlhfzoo 0.1.0, built-in]: sft (objective)" in r.stdout
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_registry_check_passes_and_detects_drift(tmp_path):
     r = run("registry", "--check")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -59,6 +66,7 @@ def test_registry_check_passes_and_detects_drift(tmp_path):
     assert r.returncode == 1 and "out of step" in r.stderr
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_train_user_errors_exit_2_without_traceback(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("task: {name: sentiment\n")
@@ -76,6 +84,7 @@ def test_train_user_errors_exit_2_without_traceback(tmp_path):
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_broken_third_party_plugin_does_not_take_others_down(tmp_path):
     """A plugin package whose module raises at import: reported by name, everything else works."""
     site = tmp_path / "site"
@@ -105,6 +114,7 @@ def test_reward_source_counters_are_printed_at_the_end():
     assert reward_source_line("gold", {}) is None and reward_source_line(None, {"x": 1.0}) is None
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_stage_builds_or_finds_a_stage_and_reports_user_errors():
     """`rlhfzoo stage NAME`: the test cache holds the sentiment SFT stage, so it is found, not trained."""
     r = run("stage", "sft")

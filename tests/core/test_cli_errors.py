@@ -83,6 +83,7 @@ def test_policy_init_with_a_broken_model(capsys, tiny, tmp_path):
     assert "policy.init" in err and str(broken) in err and "could not load" in err
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_policy_init_hub_id_without_network(tiny, tmp_path):
     """A hub id is accepted by the config; without network, loading it is one message too."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

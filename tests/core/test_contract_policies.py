@@ -70,12 +70,9 @@ def test_known_breach_ilql_decoding_logprobs(tmp_path, task):
         check_policy("ilql", task=task, **ilql_run(tmp_path, task, beta=1.0))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "breach in core/policy.py: with `n_positions` unset (the task's default context, 96 for sentiment) or a model "
-    "loaded from a directory, `max_length` stays at 128, so `generate` keeps up to 128 - max_new_tokens prompt tokens "
-    "and a long prompt indexes the position embeddings past their end"
-))
 def test_prompts_longer_than_the_models_context(task):
+    """Regression: with the task's default context (96 positions for sentiment) `max_length` stayed at
+    128, so a long prompt indexed the position embeddings past their end (IndexError)."""
     check_policy(TINY_POLICY["name"], task=task, **TINY)
 
 

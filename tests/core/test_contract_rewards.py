@@ -63,12 +63,9 @@ def test_reward_source_contract(name, tmp_path, task):
     check_reward_source(name, task=task, **options)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "breach in core/policy.py: with `n_positions` unset (the task's default context, 96 for sentiment) or a model "
-    "loaded from a directory, `max_length` stays at 128, so RewardModel (plugins/reward_heads.py) truncates a long "
-    "input to 128 tokens and the position embeddings are indexed past their end"
-))
 def test_inputs_longer_than_the_models_context(tmp_path, task):
+    """Regression: a reward model saved with `max_length` 128 on a 96-position model truncated long
+    inputs to 128 tokens and indexed the position embeddings past their end (IndexError)."""
     check_reward_source("reward-model", task=task, path=tiny_reward_model(tmp_path / "rm", task, **TINY))
 
 

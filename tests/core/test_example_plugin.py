@@ -22,6 +22,7 @@ def rlhfzoo(*args, env):
     return subprocess.run([str(Path(sys.executable).parent / "rlhfzoo"), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_listed_with_its_package(plugin_env):
     r = rlhfzoo("list", "--kind", "objective", env=plugin_env)
     assert r.returncode == 0, r.stderr
@@ -30,6 +31,7 @@ def test_listed_with_its_package(plugin_env):
     assert "rlhfzoo_slic  [rlhfzoo-slic 0.1.0, entry point]: slic-hf (objective)" in r.stdout
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_selected_by_name_in_a_config_and_trains(plugin_env, tmp_path):
     from rlhfzoo.testing import TINY_POLICY
 
@@ -50,6 +52,7 @@ def test_selected_by_name_in_a_config_and_trains(plugin_env, tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_contract_suite_runs_on_the_third_party_objective(plugin_env, tmp_path):
     code = f"from rlhfzoo.testing import check_objective; check_objective('slic-hf', {str(tmp_path / 'c')!r}); print('ok')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env, timeout=600)

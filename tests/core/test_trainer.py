@@ -81,6 +81,7 @@ def test_existing_run_is_not_clobbered(tmp_path):
         Trainer(cfg).fit()
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_kill_mid_run_then_resume(tmp_path):
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"

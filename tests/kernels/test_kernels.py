@@ -202,6 +202,7 @@ def test_logprobs_shift_free_fast_path_agrees():
                                        atol=1e-4, rtol=1e-6)
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_compiled_cpu_path(monkeypatch):
     """Large CPU inputs get the unshifted sum and the log-prob gradient from torch.compile'd
     passes; they must agree with the float64 reference, temperature included, and hand
@@ -524,6 +525,7 @@ def test_dispatch_and_validation():
     assert set(K.__all__) >= {"logprobs", "linear_logprobs", "token_kl", "vocab_kl", "entropy"}
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_interpreter_independent_of_import_order():
     import triton  # noqa: F401  (already imported, possibly without TRITON_INTERPRET)

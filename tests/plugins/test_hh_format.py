@@ -194,6 +194,7 @@ def test_gz_file_reads_like_the_plain_one(tmp_path, caplog):
     assert stats_gz.as_dict()["skipped"] == 4
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_skipped_rows_are_a_warning_printed_without_any_logging_set_up(tmp_path):
     """The summary names the skipped identical pairs; it is a warning, so a run that configures no
     logging (the command line) still prints it, while a clean file stays quiet."""

@@ -414,3 +414,12 @@ def test_ilql_decoding_beats_sft_on_sentiment(tmp_path):
     print(json.dumps({"sft": [sft["gold"], sft["gold_se"]], "ilql": [ilql["gold"], ilql["gold_se"]], "seconds": seconds}))
     assert gap > 3 * max(sft["gold_se"], ilql["gold_se"]), f"ILQL {ilql['gold']:.3f}±{ilql['gold_se']:.3f} vs SFT {sft['gold']:.3f}±{sft['gold_se']:.3f} (gap/se {gap / se:.1f})"
 
+
+
+def test_the_ilql_policy_reads_no_stage_when_given_a_run(tmp_path):
+    """Regression: `{name: ilql, path: RUN}` inherited `init: sft` and made the trainer/bench build the
+    SFT stage it never reads."""
+    from rlhfzoo.plugins.ilql_policy import ILQLPolicy, ILQLPolicyConfig
+
+    assert ILQLPolicy.required_stages(ILQLPolicyConfig(path=str(tmp_path))) == []
+    assert ILQLPolicy.required_stages(ILQLPolicyConfig()) == ["sft"]  # no run: `init` (by default the SFT stage) gives the LM

@@ -87,6 +87,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
 def test_kl_estimate_is_averaged_across_processes(tmp_path):
     procs = [
         subprocess.Popen([sys.executable, "-c", KL_WORKER, str(rank), str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
