@@ -14,19 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from rlhfzoo.bench_plan import BASELINE, RunSpec
+from rlhfzoo.evaluation import mean_and_se
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, float]:
     """Mean, standard error and 95 % half-width across seeds (t distribution)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    m = sum(values) / n
-    if n == 1:
-        return m, float("nan"), float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 2.0)
-    return m, sd / math.sqrt(n), t * sd / math.sqrt(n)
+    m, se = mean_and_se(values)
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.0)
+    return m, se, t * se
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
@@ -92,7 +87,7 @@ def aggregate(specs: list[RunSpec], results: list[dict[str, Any]]) -> list[dict[
             vals = per_seed(key)
             if vals:
                 m, se, ci = mean_ci(vals)
-                within = [_se(records[(label, s.seed)][key]) for s, _ in ok if key in records.get((label, s.seed), {})]
+                within = [mean_and_se(records[(label, s.seed)][key])[1] for s, _ in ok if key in records.get((label, s.seed), {})]
                 row[key] = {"mean": m, "seed_se": se, "ci95": ci, "per_seed": vals, "prompt_se": sum(within) / len(within)}
         accuracies = [tuple(r["pair_accuracy"]) for _, r in ok if r.get("pair_accuracy")]  # (accuracy, pairs) per seed
         if accuracies:
@@ -120,10 +115,3 @@ def aggregate(specs: list[RunSpec], results: list[dict[str, Any]]) -> list[dict[
         rows.sort(key=lambda r: (-(r["pair_accuracy"]["mean"] if r.get("pair_accuracy") else -1e9), -(r.get("elo") or -1e9)))
     return rows
 
-
-def _se(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    m = sum(values) / n
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)

@@ -183,3 +183,15 @@ def test_a_finished_run_is_reused_only_for_the_same_spec(tmp_path):
     assert not same_spec(path, changed)  # a new budget or config reruns the row
     path.write_text("{not json")
     assert not same_spec(path, spec)
+
+
+def test_mean_ci_by_hand():
+    import math
+
+    from rlhfzoo.bench_stats import mean_ci
+
+    m, se, ci = mean_ci([1.0, 2.0, 4.0])  # sd = sqrt((16/9 + 1/9 + 25/9) / 2) = sqrt(7/3)
+    assert m == pytest.approx(7 / 3) and se == pytest.approx(math.sqrt(7 / 3) / math.sqrt(3))
+    assert ci == pytest.approx(4.30 * se)  # t(0.975, 2 dof)
+    assert mean_ci([1.0])[0] == 1.0 and math.isnan(mean_ci([1.0])[1]) and math.isnan(mean_ci([1.0])[2])
+    assert all(math.isnan(x) for x in mean_ci([]))
