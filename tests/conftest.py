@@ -39,3 +39,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_sentiment():
+    """A `sentiment` task with small held-out splits, for the contract checks (which read them)."""
+    from rlhfzoo.registry import registry
+
+    return registry.create("task", "sentiment", {"n_test_prompts": 8, "n_test_demonstrations": 8})

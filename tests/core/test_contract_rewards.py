@@ -22,9 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def task():
-    """The task the sources are checked on, with small held-out splits (the checks read them)."""
-    return registry.create("task", "sentiment", {"n_test_prompts": 8, "n_test_demonstrations": 8})
+def task(small_sentiment):
+    return small_sentiment
 
 
 def tiny_reward_model(directory, task, **sizes):
