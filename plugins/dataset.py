@@ -50,8 +50,8 @@ class DatasetTask(Task):
         path: str | None = Field(
             None,
             description=(
-                f"Local data: {ACCEPTED_DATA}. A relative path is read from the working directory. "
-                "Set this or `dataset`."
+                f"Local data: {ACCEPTED_DATA}. A relative path is read from the working directory "
+                "(and stored absolute). Set this or `dataset`."
             ),
         )
         dataset: str | None = Field(
@@ -92,9 +92,14 @@ class DatasetTask(Task):
         @field_validator("path")
         @classmethod
         def _path_is_data(cls, value: str | None) -> str | None:
-            if value is not None:
-                check_local_path(Path(value).expanduser())  # a missing or unknown path is a config error
-            return value
+            """An existing path of accepted data (else a config error, before anything runs), made
+            absolute: the cached stages are keyed by the task options, so one relative name read
+            from two directories must not share them."""
+            if value is None:
+                return None
+            path = Path(value).expanduser().resolve()
+            check_local_path(path)
+            return str(path)
 
         @field_validator("columns")
         @classmethod

@@ -6,8 +6,9 @@
 
 A source is read as a list of `Part`s, one per data file (a directory of data files gives one part
 per file, so that a bad row can be named by its file), each a `datasets.Dataset`. Local data is
-read with no network use: `load_dataset("json" | "parquet" | "csv", data_files=...)` for a file,
-`load_from_disk` for a directory written by `save_to_disk`.
+read with no network use (`datasets` is put in offline mode while it reads):
+`load_dataset("json" | "parquet" | "csv", data_files=...)` for a file, `load_from_disk` for a
+directory written by `save_to_disk`.
 
 Accepted local data, judged by name (`.gz` allowed after `.jsonl`, `.json` and `.csv`):
 `.jsonl` / `.json` (JSON Lines, or one JSON array of objects), `.parquet`, `.csv` (with a header
@@ -18,6 +19,8 @@ files of one of those formats. Anything else, a missing path, or a file the read
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,12 +101,27 @@ def check_local_path(path: Path) -> None:
         )
 
 
+@contextmanager
+def _offline() -> Iterator[None]:
+    """`datasets` in offline mode, without its download-count request (a HEAD request to S3 on every
+    `load_dataset` of a packaged reader, even for a local file): local data never touches the network."""
+    from datasets import config
+
+    saved = config.HF_HUB_OFFLINE, config.HF_UPDATE_DOWNLOAD_COUNTS
+    config.HF_HUB_OFFLINE, config.HF_UPDATE_DOWNLOAD_COUNTS = True, False
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE, config.HF_UPDATE_DOWNLOAD_COUNTS = saved
+
+
 def _load_file(path: Path) -> Any:
     import datasets
 
     fmt = data_format(path)
     try:
-        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+        with _offline():
+            return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - every reader failure needs the same advice
         cause = e.__cause__ or e.__context__ or e
         raise DataError(
@@ -119,7 +137,8 @@ def _load_saved(path: Path, split: str | None) -> tuple[Any, list[str]]:
     import datasets
 
     try:
-        saved = datasets.load_from_disk(str(path))
+        with _offline():
+            saved = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001
         raise DataError(
             f"{path}: could not read the dataset saved there with save_to_disk: {type(e).__name__}: "

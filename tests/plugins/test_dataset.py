@@ -139,6 +139,31 @@ def test_missing_path_and_unknown_suffix_are_config_errors(tmp_path):
         assert ".parquet" in msg and "save_to_disk" in msg  # what is accepted
 
 
+def test_relative_path_is_read_from_the_working_directory_and_stored_absolute(tmp_path, monkeypatch):
+    write(ROWS["prompt-only"], tmp_path / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
+    t = registry.create("task", "dataset", {"path": "prompts.jsonl", "test_fraction": 0.0})
+    assert t.config.path == str(tmp_path / "prompts.jsonl") and set(t.examples("prompts")) == set(PROMPTS)
+
+
+def test_local_data_is_read_without_the_network(tmp_path, monkeypatch):
+    import socket
+
+    files = [write(ROWS["preference"], tmp_path / name) for name in ("p.jsonl", "p.parquet", "p.csv", "saved")]
+
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)  # recorded: a library may swallow the error below
+        raise OSError("network use while reading local data")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for path in files:
+        assert len(all_examples(task(path), "pairs")) == 4
+    assert attempts == []
+
+
 # ---------------------------------------------------------------------------- every format, every file type
 
 FILES = ["d.jsonl", "d.jsonl.gz", "d.json", "d.parquet", "d.csv", "saved"]
