@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "rlhfzoo.plugins.sft",
     "rlhfzoo.plugins.sentiment",
     "rlhfzoo.plugins.hh_rlhf",
+    "rlhfzoo.plugins.dataset",
     "rlhfzoo.plugins.gold",
     "rlhfzoo.plugins.dpo",
     "rlhfzoo.plugins.ipo",

@@ -48,10 +48,11 @@ TINY_POLICY = {"name": DEFAULTS["policy"], "init": "scratch", "n_layer": 1, "n_e
 
 
 def contract_config(
-    objective: str, output_dir: str | Path, task: str = DEFAULTS["task"], reward: str | None = DEFAULTS["reward_source"], **options: Any
+    objective: str, output_dir: str | Path, task: str | dict = DEFAULTS["task"], reward: str | None = DEFAULTS["reward_source"], **options: Any
 ) -> dict:
+    """The run config of the contract: `task` is a name or a section with options (`{name: ..., path: ...}`)."""
     data: dict[str, Any] = {
-        "task": {"name": task},
+        "task": dict(task) if isinstance(task, dict) else {"name": task},
         "policy": dict(TINY_POLICY),
         "algorithm": {"name": objective, **options},
         "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "eval_prompts": 0, "progress": False},
@@ -66,10 +67,11 @@ def contract_config(
 
 
 def check_objective(
-    objective: str, output_dir: str | Path, task: str = DEFAULTS["task"], reward: str | None = DEFAULTS["reward_source"], **options: Any
+    objective: str, output_dir: str | Path, task: str | dict = DEFAULTS["task"], reward: str | None = DEFAULTS["reward_source"], **options: Any
 ) -> dict:
     """Run the contract on a registered objective; raises AssertionError on a breach. An objective
-    that needs a value head gets one: the policy's `values` are [B, T]."""
+    that needs a value head gets one: the policy's `values` are [B, T]. `task`: a task name, or a
+    task section with its options, e.g. `{"name": "dataset", "path": "pairs.jsonl"}`."""
     cfg = load_config(data=contract_config(objective, output_dir, task, reward, **options))
     trainer = Trainer(cfg, log=lambda *_: None)
     if trainer.objective.needs_value_head:

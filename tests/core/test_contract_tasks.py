@@ -5,6 +5,7 @@ party's) is checked with its defaults, and every kind it provides must then be c
 whose stage is not built fails the test rather than being skipped. Nothing trains: a stage a case
 needs is built from a tiny untrained model."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,16 @@ def hh_rlhf(tmp_path, monkeypatch):
     return {"path": str(REPO / "tests" / "data" / "hh_small.jsonl")}
 
 
+def dataset(tmp_path, monkeypatch):
+    """A small prompt/chosen/rejected file (the format that gives the most kinds)."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": f" No {i}."} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"path": str(path), "test_fraction": 0.25, "vocab_size": 300}
+
+
 # Task name -> the function (tmp_path, monkeypatch) -> options it is checked with.
-CASES = {"sentiment": sentiment, "hh-rlhf": hh_rlhf}
+CASES = {"sentiment": sentiment, "hh-rlhf": hh_rlhf, "dataset": dataset}
 
 
 def test_every_builtin_task_has_a_case():
