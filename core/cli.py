@@ -1,4 +1,8 @@
-"""`rlhfzoo` command line: list | show | plugins | registry | train | bench | stage.
+"""`rlhfzoo` command line: list | show | plugins | registry | train | data | bench | stage.
+
+`show NAME` describes a registered plugin and its config fields (`show train`: the `train:`
+section's options); `data CONFIG` prints a run's first training examples as the model sees them
+(`rlhfzoo.data_preview`), with the counts of examples, skipped rows and truncated sequences.
 
 User errors (bad config, unknown names, bad data) print one message and exit with status 2;
 `--debug` shows the traceback as well.
@@ -9,19 +13,21 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import types
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from rlhfzoo import __version__, stages
-from rlhfzoo.config import ConfigError, apply_overrides
+from rlhfzoo.config import ConfigError, TrainConfig, apply_overrides
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Task
 from rlhfzoo.registry import DEFAULTS, KINDS, registry
 
 EXIT_USER_ERROR = 2
+TRAIN_SECTION = "train"  # `rlhfzoo show train`: reserved for the run config's section, never a plugin
 
 
 def _kind_arg(value: str) -> str:
@@ -58,6 +64,11 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
+    if args.name == TRAIN_SECTION:  # a reserved word: the run config's `train:` section
+        print(f"{TRAIN_SECTION}  (the `train:` section of a run config, rlhfzoo.config.TrainConfig)")
+        print(f"  summary:   {TrainConfig.__doc__.strip().splitlines()[0]}")
+        print_config_fields(TrainConfig)
+        return 0
     found = registry.find(args.name)
     if not found:
         raise registry.missing(args.name, args.kind)
@@ -76,12 +87,36 @@ def cmd_show(args) -> int:
         if e.kind == "stage":
             print(f"  requires:  {', '.join(e.cls.requires) or '(nothing)'}")
             print(f"  build:     rlhfzoo stage {e.name} --task TASK [--set task.KEY=VALUE ...]")
-        fields = e.cls.Config.model_fields
-        print("  config:" if fields else "  config:    (no options)")
-        for fname, f in fields.items():
-            default = "<required>" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            print(f"    {fname} = {default}\n        {f.description or ''}")
+        print_config_fields(e.cls.Config)
     return 0
+
+
+def print_config_fields(config_cls: type[BaseModel]) -> None:
+    """The `config:` block of `rlhfzoo show`: every field of a pydantic config with its default,
+    type and description."""
+    fields = config_cls.model_fields
+    print("  config:" if fields else "  config:    (no options)")
+    for fname, f in fields.items():
+        default = "<required>" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        print(f"    {fname} = {default}  ({type_name(f.annotation)})\n        {f.description or ''}")
+
+
+def type_name(annotation: Any) -> str:
+    """A field's type as people write it: `int`, `float | None`, `'constant' | 'cosine'`, `dict[str, str]`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    if annotation is Ellipsis:
+        return "..."
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def cmd_plugins(args) -> int:
@@ -137,11 +172,11 @@ def cmd_registry(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from rlhfzoo.api import run
     from rlhfzoo.config import load_config
-    from rlhfzoo.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    summary = run(cfg, resume=args.resume, overwrite=args.overwrite).summary  # what rlhfzoo.train runs
     if summary.get("finished"):
         ev = summary.get("eval", {})
         figures = ", ".join(f"{k}={v:.4g}" for k, v in ev.items())
@@ -153,6 +188,15 @@ def cmd_train(args) -> int:
             print(f"this run is the {name!r} stage of task {cfg.task.entry.name!r}; cached at {path} (what reads the stage starts from it)")
     else:
         print(f"stopped at step {summary['step']} (train.stop_after); continue with --resume")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from rlhfzoo.config import load_config
+    from rlhfzoo.data_preview import preview
+
+    cfg = load_config(args.config, args.overrides)
+    print(preview(cfg, n=args.n, split=args.split), end="")
     return 0
 
 
@@ -207,8 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", type=_kind_arg, help="objective | reward-source | policy | task | stage")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("show", help="describe one registered name and its config fields")
-    p.add_argument("name")
+    p = sub.add_parser(
+        "show",
+        help="describe one registered name and its config fields (`show train`: the train section's options)",
+        description="Describe a registered plugin and every config field (default, type, description). "
+        f"`{TRAIN_SECTION}` is reserved for the run config's `train:` section: `rlhfzoo show {TRAIN_SECTION}` lists its "
+        "options, whatever plugins are registered.",
+    )
+    p.add_argument("name", help=f"a registered name, or `{TRAIN_SECTION}` for the train section")
     p.add_argument("--kind", type=_kind_arg, help="when a name exists in several kinds")
     p.set_defaults(func=cmd_show)
 
@@ -228,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in output_dir first")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "data",
+        help="print a run's first training examples as the model sees them, and counts of examples and truncation",
+        description="Read CONFIG as `rlhfzoo train` does and print the first N examples of a split of the data the "
+        "algorithm trains on, tokenized and collated as in training and decoded back to text: special tokens "
+        "(bos, eos) show as their text, and [[ ]] enclose the tokens the loss is taken over (the response, "
+        "response_mask = 1); everything outside them is context. Pairs show chosen and rejected with the margin, "
+        "unpaired examples their label, rewarded ones their reward; the prompts of online algorithms are shown as "
+        "generation sees them (cut from the left to max_length - max_new_tokens). Then the counts: examples in the "
+        "split, rows read, kept and skipped (where the task tells), and sequences longer than policy.max_length. "
+        "Loads the policy's tokenizer only, no weights; builds no stage.",
+    )
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as for `rlhfzoo train`")
+    p.add_argument("--n", type=int, default=3, help="examples to show (default: 3)")
+    p.add_argument("--split", default="train", help="train (default) or test")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("stage", help="build a cached stage (a task's SFT policy, reward model, ...) with a progress bar")
     p.add_argument("name", help="a registered stage (`rlhfzoo list --kind stage`)")
@@ -259,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench" and args.bench_args[:1] == ["--"]:
         args.bench_args = args.bench_args[1:]
     # Overrides may follow flags (`train cfg.yaml --resume train.steps=5`): collect them too.
-    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    if args.command in ("train", "data") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -22,6 +22,8 @@ from rlhfzoo.errors import UserError
 from rlhfzoo.data.types import (  # noqa: F401
     DataKind,
     DATA_KINDS,
+    Chat,
+    Text,
     Demonstration,
     PreferencePair,
     UnpairedExample,
@@ -358,9 +360,14 @@ class Task(Plugin, ABC):
     def tokenizer(self) -> Any:
         """A `transformers` fast tokenizer with pad and eos set."""
 
-    def eval_prompts(self) -> list[str]:
-        """Held-out prompts to evaluate policies on."""
-        return [str(p) for p in self.examples("prompts", split="test")]
+    def eval_prompts(self) -> list[Text]:
+        """Held-out prompts to evaluate policies on (texts, or `Chat`s for conversational data)."""
+        return list(self.examples("prompts", split="test"))
+
+    def read_summary(self) -> str | None:
+        """What reading the task's data did (rows read, kept, skipped and why), for `rlhfzoo data`;
+        None for a task that reads no data files."""
+        return None
 
     def gold_reward(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError(f"task {self.name!r} has no gold reward")

@@ -222,11 +222,12 @@ def build_rollout(policy: Policy, prompts: Sequence[str], ids: torch.Tensor, att
     return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
 
 
-def fit_to_context(config: HFPolicyConfig, lm: torch.nn.Module) -> HFPolicyConfig:
-    """`config` with `max_length` lowered to the model's context (its position embeddings), where it
-    is longer: sequences are then truncated to what the model can read instead of indexing past the
-    embeddings. A model whose context leaves no room for a prompt before `max_new_tokens` is an error."""
-    context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+def fit_to_context(config: HFPolicyConfig, model_config: Any) -> HFPolicyConfig:
+    """`config` with `max_length` lowered to the model's context (its position embeddings; from
+    its transformers config), where it is longer: sequences are then truncated to what the model
+    can read instead of indexing past the embeddings. A model whose context leaves no room for a
+    prompt before `max_new_tokens` is an error."""
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     if not context or config.max_length <= context:
         return config
     if config.max_new_tokens >= context:
@@ -256,7 +257,7 @@ class HFPolicy(Policy):
             model, tokenizer = self._build(task)
         self.tokenizer = tokenizer
         self.model = model if isinstance(model, LMWithHeads) else LMWithHeads(model, self.config.value_head)
-        self.config = fit_to_context(self.config, self.module.lm)
+        self.config = fit_to_context(self.config, self.module.lm.config)
         if self.config.value_head and self.config.critic == "separate" and self.module.critic is None:
             self.module.critic = copy.deepcopy(self.module.lm)  # the critic starts from the policy's weights
         # Work done, for budgets in comparable units (benchmarks): tokens through training
@@ -273,7 +274,7 @@ class HFPolicy(Policy):
         if init == "scratch":
             if task is None:
                 raise ValueError("policy.init=scratch needs a task (for the tokenizer and model size)")
-            tok = self._tokenizer(None, task)
+            tok, _ = self.load_tokenizer(self.config, task)
             return build_scratch_model(self.config, tok, task.default_model_config()), tok
         if init == "sft":
             if task is None:
@@ -293,23 +294,28 @@ class HFPolicy(Policy):
                 policy_model.value_head.load_state_dict(load_file(str(value_file)))
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ... for bad files
             raise load_error("policy.init", path, "causal LM", e, INIT_FIX) from None
-        return policy_model, self._tokenizer(path, task)
+        return policy_model, self.load_tokenizer(self.config, task)[0]
 
-    def _tokenizer(self, model_path: str | None, task: Any) -> Any:
+    @classmethod
+    def load_tokenizer(cls, config: HFPolicyConfig, task: Any) -> tuple[Any, str]:
+        """The tokenizer a policy of `config` uses, without loading any weights, and where it comes
+        from: `policy.tokenizer`, else the model's own (the `init` directory or hub id, or the SFT
+        stage), else, for a model trained from scratch, the task's."""
         from transformers import AutoTokenizer
 
-        source = self.config.tokenizer or model_path
+        model_path = None if config.init == "scratch" else str(stages.path("sft", task)) if config.init == "sft" else config.init
+        source = config.tokenizer or model_path
         if source is None:
-            tok = task.tokenizer()
+            tok, where = task.tokenizer(), f"task {task.name!r}"
         else:
             try:
-                tok = AutoTokenizer.from_pretrained(source)
+                tok, where = AutoTokenizer.from_pretrained(source), source
             except Exception as e:  # noqa: BLE001 - missing files, corrupt JSON, no network, ...
-                field = "policy.tokenizer" if self.config.tokenizer else "policy.init"
+                field = "policy.tokenizer" if config.tokenizer else "policy.init"
                 raise load_error(field, source, "tokenizer", e, TOKENIZER_FIX) from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return tok
+        return tok, where
 
     # ------------------------------------------------------------------------------ log-probs
     def forward(self, input_ids, attention_mask, **kwargs) -> dict[str, torch.Tensor]:

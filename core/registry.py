@@ -58,8 +58,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 
 # The only built-in names the rest of the core uses, by kind: the policy of a config without a
 # `policy` section (and the bench's baseline row), the task `--task` defaults to, and the reward
-# source `rlhfzoo.testing`'s contract checks score online objectives with (the task's own gold).
-DEFAULTS: dict[str, str] = {"policy": "hf", "task": "sentiment", "reward_source": "gold"}
+# source `rlhfzoo.testing`'s contract checks score online objectives with (the task's own gold), and
+# the task that reads the rows passed to `rlhfzoo.train(train_dataset=...)` (`from_rows`).
+DEFAULTS: dict[str, str] = {"policy": "hf", "task": "sentiment", "reward_source": "gold", "rows_task": "dataset"}
 
 
 @dataclass(frozen=True)

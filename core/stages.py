@@ -103,23 +103,29 @@ def _build(name: str, task: Task, log: Log, progress: bool, chain: tuple[str, ..
     return directory / stage.output
 
 
-def needed(cfg: Any, task: Task) -> list[str]:
+def needed(cfg: Any, task: Task, given: tuple[str, ...] = ()) -> list[str]:
     """Names of the stages a resolved run config (`rlhfzoo.config.RunConfig`) reads, asked from its
     plugins: each section's `required_stages(config)`, and the task's `stages_for` the kind of
-    examples the objective trains on. Their own `requires` are not listed (`build` adds them)."""
+    examples the objective trains on. Their own `requires` are not listed (`build` adds them).
+    `given`: the sections whose plugins the caller built itself (objects passed to
+    `rlhfzoo.train`, e.g. "policy"), whose constructors read no stage."""
     names: list[str] = []
-    for section in (cfg.task, cfg.policy, cfg.algorithm, cfg.reward):
-        if section is not None:
+    for name in ("task", "policy", "algorithm", "reward"):
+        section = getattr(cfg, name)
+        if section is not None and name not in given:
             names += section.entry.cls.required_stages(section.config)
     if cfg.algorithm is not None:  # None: a policy evaluated as is (a bench row of best-of-n)
         names += task.stages_for(cfg.algorithm.create().example_kind())
     return list(dict.fromkeys(names))
 
 
-def build_for(cfg: Any, log: Log = print, progress: bool = False) -> dict[str, Path]:
-    """Build every stage a resolved run config needs (see `needed`) for its task; name -> output."""
-    task = cfg.task.create()
-    return {name: build(name, task, log, progress) for name in needed(cfg, task)}
+def build_for(
+    cfg: Any, log: Log = print, progress: bool = False, task: Task | None = None, given: tuple[str, ...] = ()
+) -> dict[str, Path]:
+    """Build every stage a resolved run config needs (see `needed`, and its `given`) for its task
+    (`task`, else the config's); name -> output."""
+    task = task if task is not None else cfg.task.create()
+    return {name: build(name, task, log, progress) for name in needed(cfg, task, given)}
 
 
 def adopt(cfg: Any, run_dir: Path, log: Log = print) -> list[tuple[str, Path]]:

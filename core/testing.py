@@ -40,7 +40,7 @@ from rlhfzoo import stages
 from rlhfzoo.config import load_config
 from rlhfzoo.data.collate import sequence_batch
 from rlhfzoo.evaluation import sample
-from rlhfzoo.interfaces import DATA_KINDS, Demonstration, Policy, PreferencePair, RewardedExample, RewardSource, Task, UnpairedExample
+from rlhfzoo.interfaces import DATA_KINDS, Chat, Demonstration, Policy, PreferencePair, RewardedExample, RewardSource, Task, UnpairedExample
 from rlhfzoo.registry import DEFAULTS, registry
 from rlhfzoo.trainer import Trainer
 
@@ -152,12 +152,12 @@ def check_stage(name: str, task: str = DEFAULTS["task"], **task_options: Any) ->
 # ------------------------------------------------------------------------------ tasks
 
 # The example type of each data kind, and the fields of it that hold the prompt and the responses.
-EXAMPLE_TYPES: dict[str, tuple[type, str | None, tuple[str, ...]]] = {
+EXAMPLE_TYPES: dict[str, tuple[type | tuple[type, ...], str | None, tuple[str, ...]]] = {
     "demonstrations": (Demonstration, "prompt", ("response",)),
     "pairs": (PreferencePair, "prompt", ("chosen", "rejected")),
     "unpaired": (UnpairedExample, "prompt", ("response",)),
     "rewarded": (RewardedExample, "prompt", ("response",)),
-    "prompts": (str, None, ()),
+    "prompts": ((str, Chat), None, ()),
 }
 
 
@@ -192,7 +192,7 @@ def check_task(name: str, **options: Any) -> dict[str, Any]:
 
     prompts = task.eval_prompts()
     assert isinstance(prompts, list) and prompts, f"task {name!r}: eval_prompts() must be a non-empty list"
-    assert all(isinstance(p, str) and p.strip() for p in prompts), f"task {name!r}: eval_prompts() must be non-empty strings"
+    assert all(isinstance(p, (str, Chat)) and str(p).strip() for p in prompts), f"task {name!r}: eval_prompts() must be non-empty texts or chats"
 
     probe_prompts, probe_responses = _probe_texts(task, 3, long=False)
     if task.has_gold_reward:
@@ -227,12 +227,13 @@ def _check_examples(task: Task, kind: str, split: str) -> int:
     assert isinstance(rows, list) and rows, f"{what} must be a non-empty list"
     cls, prompt_field, response_fields = EXAMPLE_TYPES[kind]
     bad = [r for r in rows if not isinstance(r, cls)]
-    assert not bad, f"{what} holds a {type(bad[0]).__name__}, expected {cls.__name__}: {bad[0]!r:.200}"
+    expected = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+    assert not bad, f"{what} holds a {type(bad[0]).__name__}, expected {expected}: {bad[0]!r:.200}"
     prompts = rows if prompt_field is None else [getattr(r, prompt_field) for r in rows]
-    assert all(isinstance(p, str) and p.strip() for p in prompts), f"{what}: every prompt must be non-empty text"
+    assert all(isinstance(p, (str, Chat)) and str(p).strip() for p in prompts), f"{what}: every prompt must be non-empty text or a chat"
     responses = [getattr(r, f) for r in rows for f in response_fields]
-    assert all(isinstance(r, str) for r in responses), f"{what}: responses must be text"
-    assert not responses or any(r.strip() for r in responses), f"{what}: every response is empty"
+    assert all(isinstance(r, (str, Chat)) for r in responses), f"{what}: responses must be text or chats"
+    assert not responses or any(str(r).strip() for r in responses), f"{what}: every response is empty"
     if kind == "rewarded":
         assert all(math.isfinite(r.reward) for r in rows), f"{what}: rewards must be finite"
     if kind == "unpaired":

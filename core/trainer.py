@@ -45,7 +45,7 @@ from rlhfzoo.checkpoint import latest_checkpoint  # noqa: F401  (part of this mo
 from rlhfzoo.config import RunConfig
 from rlhfzoo.counting_reward import CountingReward
 from rlhfzoo.data.collate import Collator
-from rlhfzoo.interfaces import Batch, Objective, Policy, Task
+from rlhfzoo.interfaces import Batch, Objective, Policy, RewardSource, Task
 from rlhfzoo.training_errors import NonFiniteError, TrainingError  # noqa: F401  (re-exported)
 
 
@@ -100,7 +100,13 @@ def peak_rss_mb() -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, accelerator: Any = None, log=print):
+    """One training run of a resolved config. `task`, `policy` and `reward` are plugins built by the
+    caller (objects passed to `rlhfzoo.train`); each replaces the one the config's section would build."""
+
+    def __init__(
+        self, cfg: RunConfig, accelerator: Any = None, log=print, *,
+        task: Task | None = None, policy: Policy | None = None, reward: RewardSource | None = None,
+    ):
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -125,15 +131,19 @@ class Trainer:
 
         if self.train.num_threads:
             torch.set_num_threads(self.train.num_threads)
-        stages.build_for(cfg, log=log)  # the cached stages the run reads (SFT policy, reward model, ...): constructors only read them
+        given = tuple(name for name, obj in (("task", task), ("policy", policy), ("reward", reward)) if obj is not None)
+        # The cached stages the run reads (SFT policy, reward model, ...): constructors only read them.
+        stages.build_for(cfg, log=log, task=task, given=given)
         seed_everything(self.train.seed)
-        self.task: Task = cfg.task.create()
+        self.task: Task = task if task is not None else cfg.task.create()
         self.objective: Objective = cfg.algorithm.create()
         policy_cfg = cfg.policy.config
         if self.objective.needs_value_head:
             policy_cfg = cfg.policy.entry.cls.with_value_head(policy_cfg)
-        self.policy: Policy = cfg.policy.entry.cls(policy_cfg, task=self.task)
-        self.reward: CountingReward | None = CountingReward(cfg.reward.create(task=self.task)) if cfg.reward else None
+        self.policy: Policy = policy if policy is not None else cfg.policy.entry.cls(policy_cfg, task=self.task)
+        if reward is None and cfg.reward is not None:
+            reward = cfg.reward.create(task=self.task)
+        self.reward: CountingReward | None = CountingReward(reward) if reward is not None else None
         self.reference: Policy | None = self.policy.frozen_copy() if self.objective.needs_reference else None
         if self.objective.online and self.reward is None:
             raise TrainingError(f"algorithm {cfg.algorithm.entry.name!r} is online and needs `reward: {{name: ...}}`")
@@ -141,8 +151,10 @@ class Trainer:
         self.data = self._load_data()
         self.objective.setup(self.policy, self.task)
         self.objective.prepare(self.data, self.collator, self.reference)
-        if not self.objective.reference_needed_in_training():
-            self.reference = None  # e.g. its log-probs are cached: free the second model
+        if not self.objective.reference_needed_in_training() and policy is None:
+            # E.g. its log-probs are cached: free the second model (evaluation rebuilds it from the
+            # config; a given policy's initial weights are in the reference only).
+            self.reference = None
         if self.reference is not None:
             self.reference.module.to(self.accelerator.device)
 
@@ -219,14 +231,14 @@ class Trainer:
     def _online_step(self, step: int) -> dict[str, float]:
         # Objectives that compare several samples of a prompt (rejection sampling) ask for k of each.
         k = self.objective.samples_per_prompt()
-        prompts = [str(self.data[i]) for i in self._rows_of_step(step) for _ in range(k)]
+        prompts = [self.data[i] for i in self._rows_of_step(step) for _ in range(k)]
         self.policy.model.eval()
         rollout = self.policy.generate(prompts)
         rewards = self.reward.score(rollout.prompts, rollout.responses).float()
         if not torch.isfinite(rewards).all():
             bad = [i for i, r in enumerate(rewards.tolist()) if not math.isfinite(r)]
             raise NonFiniteError(
-                f"reward source {self.cfg.reward.entry.name!r} returned non-finite rewards at iteration {step + 1} "
+                f"reward source {self.reward.name!r} returned non-finite rewards at iteration {step + 1} "
                 f"for responses {bad[:5]} (e.g. {rollout.responses[bad[0]]!r}); the last good checkpoint is kept"
             )
         self.policy.model.train()
@@ -436,7 +448,3 @@ class Trainer:
             run_dir.write_atomic(self.out / "summary.json", json.dumps(summary, indent=1))
         acc.wait_for_everyone()
         return summary
-
-
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
-    return Trainer(cfg, log=log).fit(resume=resume, overwrite=overwrite)

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.evaluation import evaluate as sampling_evaluation
-from rlhfzoo.interfaces import Batch, LossOutput, Objective, PluginConfig, Policy, SequenceBatch, Task
+from rlhfzoo.interfaces import Batch, Chat, LossOutput, Objective, PluginConfig, Policy, SequenceBatch, Task
 from rlhfzoo.ops import masked_mean
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ class ReferenceCache:
 
 
 def _text_length(example: Any) -> int:
-    return sum(len(v) for v in vars(example).values() if isinstance(v, str)) if hasattr(example, "__dict__") else 0
+    texts = [v for v in vars(example).values() if isinstance(v, (str, Chat))] if hasattr(example, "__dict__") else []
+    return sum(len(str(v)) for v in texts)
 
 
 # ------------------------------------------------------------------------------ held-out evaluation

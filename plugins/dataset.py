@@ -8,13 +8,16 @@ Rows are read through the `datasets` library (`rlhfzoo.plugins.dataset_source`: 
 `.parquet`, `.csv`, gzip, `save_to_disk` directories, directories of data files, hub ids). Their
 format is detected from the column names (`rlhfzoo.plugins.dataset_formats`: TRL's standard
 formats -- text, prompt/completion, prompt/chosen/rejected with an optional margin, chosen/rejected
-with an implicit prompt, prompt/completion/label, prompt/completion/reward, prompt-only), and the
-task hands out every example kind the format allows (see `DatasetTask.examples`).
+with an implicit prompt, prompt/completion/label, prompt/completion/reward, prompt-only -- and
+their conversational variants, lists of `{role, content}` messages, `messages` too), and the task
+hands out every example kind the format allows (see `DatasetTask.examples`). Conversations become
+`Chat`s, rendered later with the tokenizer's chat template exactly as inference renders them.
 
 The held-out 'test' split is a named split of the source (`test_split`) or a seeded share of the
 rows (`test_fraction`) cut whole prompts at a time, so that no prompt is in both splits. There is
-no gold reward. The tokenizer is a pretrained one (`tokenizer`) or a byte-level BPE trained on the
-train split, in memory (nothing is cached on disk).
+no gold reward. A pretrained policy uses its own tokenizer; for a model trained from scratch the
+tokenizer is a pretrained one (`tokenizer`) or a byte-level BPE trained on the train split, in
+memory (nothing is cached on disk), with the ChatML template for conversational rows.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -30,7 +33,7 @@ from rlhfzoo import hookimpl
 from rlhfzoo.data.jsonl import DataError
 from rlhfzoo.data.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
 from rlhfzoo.errors import UserError
-from rlhfzoo.interfaces import Demonstration, PluginConfig, PreferencePair, RewardedExample, Task, UnpairedExample
+from rlhfzoo.interfaces import Chat, Demonstration, Text, PluginConfig, PreferencePair, RewardedExample, Task, UnpairedExample
 from rlhfzoo.plugins.dataset_formats import STANDARD_COLUMNS, Format, ReadStats, Record, detect_format, parse_rows, rename_columns
 from rlhfzoo.plugins.dataset_source import ACCEPTED_DATA, Part, check_local_path, read_hub, read_local
 from rlhfzoo.pretrained import TOKENIZER_FILES, check_source
@@ -38,6 +41,29 @@ from rlhfzoo.pretrained import TOKENIZER_FILES, check_source
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+# Rows passed to `DatasetTask.from_rows` in this process, by fingerprint: (train rows, test rows or None).
+ROWS_IN_MEMORY: dict[str, tuple[Any, Any]] = {}
+
+
+def _check_rows_options(config: Any) -> None:
+    """The options that do not apply to rows in memory (a ValueError naming them)."""
+    if config.rows_fingerprint not in ROWS_IN_MEMORY:
+        raise ValueError(
+            "`rows_fingerprint` is set by rlhfzoo.train(train_dataset=...) for the rows passed in, and this process "
+            "holds none with that fingerprint; in a config, give `path` (local data) or `dataset` (a hub id) instead"
+        )
+    if config.path is not None or config.dataset is not None:
+        raise ValueError("the rows are passed in memory (train_dataset=...); drop `path` and `dataset`")
+    # Compared with the defaults, not looked up in the fields set: a stage's run config lists every option.
+    default = {k: f.default for k, f in type(config).model_fields.items()}
+    named = [f"`{k}`" for k in ("subset", "split", "test_split") if getattr(config, k) != default[k]]
+    if named:
+        raise ValueError(
+            f"{', '.join(named)} name a part of a hub or saved dataset; rows passed in memory have none: drop "
+            f"{'it' if len(named) == 1 else 'them'} (pass eval_dataset=... for held-out rows)"
+        )
+    if ROWS_IN_MEMORY[config.rows_fingerprint][1] is not None and config.test_fraction != default["test_fraction"]:
+        raise ValueError("the held-out rows are passed as eval_dataset=...; drop `test_fraction`")
 
 
 class DatasetTask(Task):
@@ -81,13 +107,29 @@ class DatasetTask(Task):
         )
         seed: int = Field(0, description="Seed of the shuffle that picks the held-out rows and the `max_rows` subset.")
         max_chars: int | None = Field(
-            None, ge=16, description="Cut prompts (from the start) and responses (at the end) to this many characters (unset: no limit)."
+            None, ge=16, description="Cut plain-text prompts (from the start) and responses (at the end) to this many characters (unset: no limit; conversations are cut in tokens, to the policy's max_length)."
+        )
+        assistant_turns: Literal["last", "all"] = Field(
+            "last",
+            description=(
+                "For `messages` conversations: train on the last assistant turn (the turns before it are the prompt) "
+                "or on every assistant turn (the prompt is the turns before the first; user turns get no loss)."
+            ),
         )
         tokenizer: str | None = Field(
             None,
-            description="Pretrained tokenizer (local directory or hub id) to use; unset: train a byte-level BPE tokenizer on the train split.",
+            description=(
+                "Pretrained tokenizer (local directory or hub id) for a model trained from scratch; unset: train a "
+                "byte-level BPE on the train split (with the ChatML template for conversational rows). A pretrained "
+                "policy (`policy.init`) always uses its own tokenizer and chat template."
+            ),
         )
         vocab_size: int = Field(4096, ge=258, description="Vocabulary size of the BPE tokenizer trained when `tokenizer` is unset.")
+        rows_fingerprint: str | None = Field(
+            None,
+            description="Set by rlhfzoo.train(train_dataset=...): the `datasets` fingerprint of the rows passed in, so cached "
+            "stages of different in-memory data differ; not settable in YAML.",
+        )
 
         @field_validator("path")
         @classmethod
@@ -120,7 +162,9 @@ class DatasetTask(Task):
 
         @model_validator(mode="after")
         def _one_source_one_test_split(self):
-            if (self.path is None) == (self.dataset is None):
+            if self.rows_fingerprint is not None:
+                _check_rows_options(self)
+            elif (self.path is None) == (self.dataset is None):
                 raise ValueError("set exactly one of `path` (local data) and `dataset` (a hub id)")
             if self.test_split is not None and "test_fraction" in self.model_fields_set:
                 raise ValueError("set either `test_split` (a named split) or `test_fraction` (a share of the rows), not both")
@@ -133,10 +177,25 @@ class DatasetTask(Task):
         self._splits: dict[str, list[Record]] | None = None
         self._tokenizer: Any = None
 
+    @classmethod
+    def from_rows(cls, train_rows: Any, test_rows: Any = None, **options: Any) -> "DatasetTask":
+        """The task over rows in memory: `train_rows` a `datasets.Dataset`, `test_rows` one held out
+        as 'test' (None: `test_fraction` of the train rows is), `options` the other task options.
+        The rows are kept for this process under their fingerprint (`rows_fingerprint`), so that a
+        config naming it -- the run config of a cached stage of this task -- reads them again."""
+        from datasets.fingerprint import Hasher
+
+        fingerprint = Hasher.hash(train_rows) + ("" if test_rows is None else "+" + Hasher.hash(test_rows))
+        ROWS_IN_MEMORY[fingerprint] = (train_rows, test_rows)
+        return cls(cls.Config(rows_fingerprint=fingerprint, **options))
+
     # ---------------------------------------------------------------------------- reading
     def _sources(self) -> tuple[list[Part], list[Part] | None]:
         """The parts of the train source and of the named test split (None: cut from the train rows)."""
         cfg = self.config
+        if cfg.rows_fingerprint is not None:
+            train, test = ROWS_IN_MEMORY[cfg.rows_fingerprint]
+            return [Part("train_dataset", train)], (None if test is None else [Part("eval_dataset", test)])
         if cfg.dataset:
             test = read_hub(cfg.dataset, cfg.test_split, cfg.subset) if cfg.test_split else None
             return read_hub(cfg.dataset, cfg.split, cfg.subset), test
@@ -171,7 +230,7 @@ class DatasetTask(Task):
         slots: list[Record | None] = [None] * len(order)
         for p, rows in enumerate(tables):
             position = {i: k for k, (q, i) in enumerate(order) if q == p}
-            for i, record in parse_rows(rows, list(position), self.format, parts[p].name, stats):
+            for i, record in parse_rows(rows, list(position), self.format, parts[p].name, stats, cfg.assistant_turns):
                 slots[position[i]] = record
         return [r for r in slots if r is not None]
 
@@ -180,7 +239,7 @@ class DatasetTask(Task):
         if self._splits is None:
             cfg = self.config
             train_parts, test_parts = self._sources()
-            stats = ReadStats(source=cfg.dataset or str(cfg.path), max_chars=cfg.max_chars)
+            stats = ReadStats(source=cfg.dataset or cfg.path or "train_dataset", max_chars=cfg.max_chars)
             records = self._read(train_parts, stats)
             if test_parts is None:
                 splits = split_grouped(records, cfg.test_fraction)
@@ -206,11 +265,13 @@ class DatasetTask(Task):
     def examples(self, kind: str, split: str = "train") -> list[Any]:
         """Examples of a data kind for a split ('train' or 'test'), in the split's (shuffled) order.
 
-        pairs: `PreferencePair`s (with the row's margin); demonstrations: the completions, the
-        texts (empty prompt), the desirable completions of labelled rows, or the chosen responses
-        of pairs (duplicates dropped); unpaired: labelled rows, or each pair's chosen response as
-        desirable and its rejected one as undesirable; rewarded: the rows with their rewards;
-        prompts: the distinct prompts (str).
+        pairs: `PreferencePair`s (with the row's margin; of a ranking: its best and worst
+        completions); rankings: a ranking's K-choose-2 pairs (tied ranks make none), sharing
+        `group` (InstructGPT's K-wise comparisons); demonstrations: the completions, the
+        texts (empty prompt), the desirable completions of labelled rows, or the chosen
+        responses of pairs and the best of rankings (duplicates dropped); unpaired: labelled
+        rows, or each pair's chosen response as desirable and its rejected one as undesirable;
+        rewarded: the rows with their rewards; prompts: the distinct prompts (text or `Chat`).
         """
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} for task {self.name!r}; splits are: {', '.join(SPLITS)}")
@@ -224,8 +285,16 @@ class DatasetTask(Task):
         pairs = "chosen" in self.format.required
         if kind == "pairs":
             return [PreferencePair(r.prompt, r.response, r.rejected, margin=r.margin) for r in records]
+        if kind == "rankings":
+            return [
+                PreferencePair(r.prompt, better, worse, group=g)
+                for g, r in enumerate(records)
+                for i, (better, rank) in enumerate(r.ranked)
+                for worse, other in r.ranked[i + 1 :]
+                if rank < other
+            ]
         if kind == "demonstrations":
-            return list(dict.fromkeys(Demonstration(r.prompt, r.response) for r in records if r.label is not False))
+            return list(dict.fromkeys(Demonstration(r.prompt, r.response) for r in records if r.label is not False and r.response))
         if kind == "unpaired":
             if pairs:
                 return [
@@ -235,9 +304,12 @@ class DatasetTask(Task):
             return [UnpairedExample(r.prompt, r.response, r.label) for r in records]
         if kind == "rewarded":
             return [RewardedExample(r.prompt, r.response, r.reward) for r in records]
-        return list(dict.fromkeys(r.prompt for r in records))
+        return list(dict.fromkeys(r.prompt for r in records if r.prompt))
 
-    def eval_prompts(self) -> list[str]:
+    def read_summary(self) -> str | None:
+        return self.stats.summary() if self.stats is not None else None
+
+    def eval_prompts(self) -> list[Text]:
         """The test split's prompts; data without prompts (language modelling) is a `UserError`."""
         if "prompts" not in self.kinds():
             raise UserError(
@@ -256,7 +328,8 @@ class DatasetTask(Task):
                 records = self._load()["train"]
                 texts = [p for p in dict.fromkeys(r.prompt for r in records) if p]
                 texts += [t for r in records for t in (r.response, r.rejected) if t]
-                self._tokenizer = train_bpe_tokenizer(texts, vocab_size=self.config.vocab_size)
+                texts = [content for t in texts for content in ([c for _, c in t.turns] if isinstance(t, Chat) else [t])]
+                self._tokenizer = train_bpe_tokenizer(texts, vocab_size=self.config.vocab_size, chat=bool(self.stats.conversational))
         return self._tokenizer
 
     def default_reward(self) -> dict[str, Any] | None:

@@ -4,17 +4,24 @@ The formats are TRL's standard (plain-string) dataset formats, the ones users kn
 detected from the column names (after the task's `columns:` renaming), first match wins:
 
     format                       columns                                  kinds it gives
+    conversation                 messages                                 demonstrations, prompts
     preference                   prompt, chosen, rejected [, margin]      pairs, demonstrations, unpaired, prompts
     implicit-prompt preference   chosen, rejected [, margin]              pairs, demonstrations, unpaired, prompts
+    ranking (InstructGPT)        prompt, completions, ranking             rankings, pairs, demonstrations, prompts
     unpaired                     prompt, completion, label                unpaired, demonstrations, prompts
     rewarded                     prompt, completion, reward               rewarded, demonstrations, prompts
     prompt-completion            prompt, completion                       demonstrations, prompts
     language modelling           text                                     demonstrations (with an empty prompt)
     prompt-only                  prompt                                   prompts
 
-Other columns are ignored (and listed in the read summary). Conversational rows (a `messages`
-column, or values that are lists of `{role, content}` messages) are recognised and refused with a
-`ConversationalRowsError`: they need a tokenizer's chat template, which this task does not render.
+Other columns are ignored (and listed in the read summary). Every format but language modelling
+has a conversational variant, as in TRL: its texts are lists of `{role, content}` messages, read
+into `Chat`s and rendered later with the tokenizer's chat template (`rlhfzoo.data.chat`); a
+response is the assistant turn(s) (`[{"role": "assistant", ...}]`), an implicit prompt the turns
+two conversations share. A `messages` conversation is split at its last assistant turn
+(`assistant_turns="last"`: the prompt is every turn before it) or its first (`"all"`: the loss
+then covers every assistant turn); one that ends in a user turn is a prompt only. All rows of a
+source are of one variant; mixing them is a `DataError`.
 
 Each row becomes a `Record` (prompt, response(s) and label fields). A row of the wrong shape -- a
 missing or null field, a value of the wrong type -- is a `DataError` naming the source, the row
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhfzoo.data.jsonl import DataError
+from rlhfzoo.interfaces import Chat, Text
 from rlhfzoo.plugins.hh_format import ASSISTANT, split_dialogue, truncate_prompt, truncate_response
 
 __all__ = [
@@ -48,14 +56,17 @@ __all__ = [
     "Format",
     "Record",
     "ReadStats",
-    "ConversationalRowsError",
     "rename_columns",
     "detect_format",
     "parse_rows",
     "shared_prompt",
+    "split_conversation",
+    "ASSISTANT_TURNS",
 ]
 
-STANDARD_COLUMNS = ("text", "messages", "prompt", "completion", "chosen", "rejected", "margin", "label", "reward")
+STANDARD_COLUMNS = (
+    "text", "messages", "prompt", "completion", "chosen", "rejected", "margin", "label", "reward", "completions", "ranking",
+)
 PAIR_KINDS = ("pairs", "demonstrations", "unpaired", "prompts")
 
 
@@ -74,42 +85,38 @@ class Format:
 
 
 FORMATS: tuple[Format, ...] = (
+    Format("conversation", ("messages",), (), ("demonstrations", "prompts")),
     Format("preference", ("prompt", "chosen", "rejected"), ("margin",), PAIR_KINDS),
     Format("implicit-prompt preference", ("chosen", "rejected"), ("margin",), PAIR_KINDS),
+    Format("ranking", ("prompt", "completions", "ranking"), (), ("rankings", "pairs", "demonstrations", "prompts")),
     Format("unpaired", ("prompt", "completion", "label"), (), ("unpaired", "demonstrations", "prompts")),
     Format("rewarded", ("prompt", "completion", "reward"), (), ("rewarded", "demonstrations", "prompts")),
     Format("prompt-completion", ("prompt", "completion"), (), ("demonstrations", "prompts")),
     Format("language modelling", ("text",), (), ("demonstrations",)),
     Format("prompt-only", ("prompt",), (), ("prompts",)),
 )
-ACCEPTED_FORMATS = "; ".join(f"{f.name}: {f.columns}" for f in FORMATS) + " (label: true/false; margin, reward: numbers)"
-TEXT_COLUMNS = ("text", "prompt", "completion", "chosen", "rejected")
-
-
-class ConversationalRowsError(DataError):
-    """Rows of chat messages, which need a tokenizer's chat template to become text."""
-
-
-def _conversational(where: str, source: str) -> ConversationalRowsError:
-    return ConversationalRowsError(
-        f"{where}: conversational rows (lists of {{role, content}} messages) need a tokenizer with a chat "
-        "template to be rendered, which the `dataset` task does not do yet. Give the rows as plain strings in "
-        f"one of the standard formats instead ({ACCEPTED_FORMATS}).",
-        source,
-    )
+ACCEPTED_FORMATS = (
+    "; ".join(f"{f.name}: {f.columns}" for f in FORMATS)
+    + " (texts: strings, or lists of {role, content} messages; label: true/false; margin, reward: numbers;"
+    " completions: a list of texts, ranking: their ranks, 1 = best)"
+)
+ASSISTANT_TURNS = ("last", "all")
 
 
 @dataclass(frozen=True)
 class Record:
     """One usable row in standard fields: `response` is the completion, the text (with an empty
-    prompt) or the chosen response; `rejected`, `margin`, `label`, `reward` where the format has them."""
+    prompt) or the chosen response (empty: a prompt-only row); `rejected`, `margin`, `label`,
+    `reward` where the format has them; `ranked`: a ranking's (completion, rank) from best to worst
+    (`response` its best, `rejected` its worst). Texts are strings, or `Chat`s for conversational rows."""
 
-    prompt: str
-    response: str = ""
-    rejected: str | None = None
+    prompt: Text
+    response: Text = ""
+    rejected: Text | None = None
     margin: float | None = None
     label: bool | None = None
     reward: float | None = None
+    ranked: tuple[tuple[Text, float], ...] | None = None
 
     @property
     def group(self) -> str:
@@ -124,6 +131,7 @@ class ReadStats:
 
     source: str
     format: str = ""
+    conversational: bool | None = None  # set by the first row read
     rows: int = 0
     kept: int = 0
     truncated: int = 0
@@ -144,7 +152,8 @@ class ReadStats:
 
     def summary(self) -> str:
         """One line for the log, e.g. "f.jsonl (preference): 10 rows -> 8 kept, 2 skipped (identical 2: row 3, row 7)"."""
-        line = f"{self.source} ({self.format}): {self.rows} rows -> {self.kept} kept, {self.skipped} skipped"
+        variant = {True: ", conversational", False: "", None: ""}[self.conversational]
+        line = f"{self.source} ({self.format}{variant}): {self.rows} rows -> {self.kept} kept, {self.skipped} skipped"
         if self.skipped:
             line += " (" + "; ".join(
                 f"{reason.replace('_', ' ')} {n}: {', '.join(self.skipped_rows[reason])}"
@@ -185,10 +194,7 @@ def rename_columns(rows: Any, mapping: Mapping[str, str], source: str) -> Any:
 
 
 def detect_format(columns: list[str], source: str) -> Format:
-    """The first of `FORMATS` whose columns are all present; raises `DataError` (conversational
-    rows: `ConversationalRowsError`) when none is."""
-    if "messages" in columns:
-        raise _conversational(f"{source}: column 'messages'", source)
+    """The first of `FORMATS` whose columns are all present; raises `DataError` when none is."""
     for fmt in FORMATS:
         if all(c in columns for c in fmt.required):
             return fmt
@@ -205,9 +211,15 @@ def detect_format(columns: list[str], source: str) -> Format:
 # --------------------------------------------------------------------------------------------
 
 
-def shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+def shared_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text] | None:
     """(prompt, chosen response, rejected response) of two texts that share a prompt, or None
-    when they share none (see the module docstring)."""
+    when they share none (see the module docstring). Conversations share their common first turns."""
+    if isinstance(chosen, Chat):
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen.turns[k] == rejected.turns[k]:
+            k += 1
+        split = (Chat(chosen.turns[:k]), Chat(chosen.turns[k:]), Chat(rejected.turns[k:]))
+        return split if k > 0 else None
     if ASSISTANT in chosen and ASSISTANT in rejected:
         c, r = split_dialogue(chosen), split_dialogue(rejected)
         return (c[0], c[1], r[1]) if c[0] == r[0] else None
@@ -219,11 +231,29 @@ def shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     return (chosen[:i], chosen[i:], rejected[i:]) if i > 0 else None
 
 
+def split_conversation(chat: Chat, assistant_turns: str = "last") -> tuple[Chat, Chat]:
+    """(prompt, response) of a `messages` conversation: split before its last assistant turn
+    (`"last"`) or its first (`"all"`); one that does not end in an assistant turn (or has no other turn) is a prompt only."""
+    starts = [k for k, (role, _) in enumerate(chat.turns) if role == "assistant" and k > 0]
+    if not starts or chat.turns[-1][0] != "assistant":
+        return chat, Chat()
+    k = starts[-1] if assistant_turns == "last" else starts[0]
+    return Chat(chat.turns[:k]), Chat(chat.turns[k:])
+
+
+def blank(text: Text) -> bool:
+    """An empty text, or a conversation without turns or with only empty contents."""
+    if isinstance(text, Chat):
+        return not any(content.strip() for _, content in text.turns)
+    return not text.strip()
+
+
 class _Row:
     """One raw row being checked, with what an error message about it needs."""
 
     def __init__(self, values: dict[str, Any], where: str, source: str, fmt: Format):
         self.values, self.where, self.source, self.fmt = values, where, source, fmt
+        self.conversational: bool | None = None  # the variant of the row's texts, set by the first read
 
     def error(self, problem: str) -> DataError:
         has = [k for k, v in self.values.items() if v is not None]
@@ -233,18 +263,44 @@ class _Row:
             self.source,
         )
 
-    def text(self, name: str) -> str:
-        value = self.values.get(name)
+    def text(self, name: str, value: Any = None) -> Text:
+        """A string, or the `Chat` of a list of messages (field `name`, or `value` as that field);
+        every text of a row is of one variant."""
+        value = self.values.get(name) if value is None else value
         if value is None:
             raise self.error(f"field {name!r} is missing or null")
-        if isinstance(value, list):
-            raise _conversational(f"{self.where}: field {name!r}", self.source)
-        if not isinstance(value, str):
-            raise self.error(f"field {name!r} must be a string, not {type(value).__name__} {value!r:.40}")
-        return value
+        if not isinstance(value, (str, list)):
+            raise self.error(f"field {name!r} must be a string or a list of messages, not {type(value).__name__} {value!r:.40}")
+        conversational = isinstance(value, list)
+        if self.conversational is not None and conversational != self.conversational:
+            raise self.error(f"field {name!r} is {'a list of messages' if conversational else 'a string'}, unlike the row's other texts; give all of them in one variant")
+        self.conversational = conversational
+        return self.chat(name, value) if conversational else value
 
-    def number(self, name: str, required: bool = True) -> float | None:
-        value = self.values.get(name)
+    def chat(self, name: str, messages: list) -> Chat:
+        for k, m in enumerate(messages):
+            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise self.error(
+                    f"message {k + 1} of field {name!r} must be an object with string 'role' and 'content' "
+                    f"(text only), not {m!r:.60}"
+                )
+        return Chat.of(messages)
+
+    def texts(self, name: str) -> list[Text]:
+        """A list of texts (strings, or lists of messages), of the row's one variant."""
+        values = self.values.get(name)
+        if not isinstance(values, list) or not values:
+            raise self.error(f"field {name!r} must be a non-empty list of texts, not {type(values).__name__} {values!r:.40}")
+        return [self.text(f"{name}[{k}]", value) for k, value in enumerate(values)]
+
+    def numbers(self, name: str, n: int) -> list[float]:
+        values = self.values.get(name)
+        if not isinstance(values, list) or len(values) != n:
+            raise self.error(f"field {name!r} must be a list of {n} numbers, one per completion, not {values!r:.40}")
+        return [self.number(f"{name}[{k}]", value=v) for k, v in enumerate(values)]
+
+    def number(self, name: str, required: bool = True, value: Any = None) -> float | None:
+        value = self.values.get(name) if value is None else value
         if value is None and not required:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -258,7 +314,16 @@ class _Row:
         return value
 
 
-def _record(row: _Row, stats: ReadStats) -> Record | None:
+def _cut_prompt(text: Text, cut: int | None) -> tuple[Text, int]:
+    """`max_chars` applies to plain texts; conversations are cut in tokens (`max_length`) only."""
+    return (text, 0) if isinstance(text, Chat) else truncate_prompt(text, cut)
+
+
+def _cut_response(text: Text, cut: int | None) -> tuple[Text, int]:
+    return (text, 0) if isinstance(text, Chat) else truncate_response(text, cut)
+
+
+def _record(row: _Row, stats: ReadStats, assistant_turns: str) -> Record | None:
     """The record of one checked row, or None (and a counted skip) when it cannot make an example."""
     fmt, cut = row.fmt, stats.max_chars
     if "chosen" in fmt.required:
@@ -275,22 +340,48 @@ def _record(row: _Row, stats: ReadStats) -> Record | None:
                 stats.skip("no_shared_prompt", row.where)
                 return None
             prompt, chosen, rejected = split
-        if not (prompt.strip() and chosen.strip() and rejected.strip()):
+        if blank(prompt) or blank(chosen) or blank(rejected):
             stats.skip("empty_text", row.where)
             return None
         if chosen == rejected:
             stats.skip("identical", row.where)
             return None
-        (prompt, a), (chosen, b) = truncate_prompt(prompt, cut), truncate_response(chosen, cut)
-        rejected, c = truncate_response(rejected, cut)
+        (prompt, a), (chosen, b) = _cut_prompt(prompt, cut), _cut_response(chosen, cut)
+        rejected, c = _cut_response(rejected, cut)
         stats.truncated += a + b + c
         if chosen == rejected:  # they differed only beyond the cut
             stats.skip("identical", row.where)
             return None
         return Record(prompt, chosen, rejected=rejected, margin=margin)
 
+    if "ranking" in fmt.required:
+        prompt, completions = row.text("prompt"), row.texts("completions")
+        ranks = row.numbers("ranking", len(completions))
+        if blank(prompt) or any(blank(c) for c in completions):
+            stats.skip("empty_text", row.where)
+            return None
+        ranked = tuple(sorted(dict(zip(completions, ranks)).items(), key=lambda cr: cr[1]))  # a repeated text counts once
+        if len(ranked) < 2 or ranked[0][1] == ranked[-1][1]:
+            stats.skip("no_ranking", row.where)
+            return None
+        return Record(prompt, ranked[0][0], rejected=ranked[-1][0], ranked=ranked)
+
+    if fmt.required == ("messages",):
+        value = row.values.get("messages")
+        if not isinstance(value, list):
+            raise row.error(f"field 'messages' must be a list of {{role, content}} messages, not {type(value).__name__} {value!r:.40}")
+        row.conversational = True
+        chat = row.chat("messages", value)
+        if blank(chat):
+            stats.skip("empty_text", row.where)
+            return None
+        prompt, response = split_conversation(chat, assistant_turns)
+        return Record(prompt, response)
+
     if fmt.required == ("text",):
         text = row.text("text")
+        if isinstance(text, Chat):
+            raise row.error("field 'text' is a list of messages; name that column 'messages' (the conversational variant)")
         if not text.strip():
             stats.skip("empty_text", row.where)
             return None
@@ -300,24 +391,33 @@ def _record(row: _Row, stats: ReadStats) -> Record | None:
 
     prompt = row.text("prompt")
     response = row.text("completion") if "completion" in fmt.required else ""
-    if not prompt.strip() or ("completion" in fmt.required and not response.strip()):
+    if blank(prompt) or ("completion" in fmt.required and blank(response)):
         stats.skip("empty_text", row.where)
         return None
-    (prompt, a), (response, b) = truncate_prompt(prompt, cut), truncate_response(response, cut)
+    (prompt, a), (response, b) = _cut_prompt(prompt, cut), _cut_response(response, cut)
     stats.truncated += a + b
     label = row.flag("label") if "label" in fmt.required else None
     reward = row.number("reward") if "reward" in fmt.required else None
     return Record(prompt, response, label=label, reward=reward)
 
 
-def parse_rows(rows: Any, indices: list[int], fmt: Format, source: str, stats: ReadStats) -> Iterator[tuple[int, Record]]:
+def parse_rows(
+    rows: Any, indices: list[int], fmt: Format, source: str, stats: ReadStats, assistant_turns: str = "last"
+) -> Iterator[tuple[int, Record]]:
     """(index, record) for each of `rows[indices]` that makes one, in the order of `indices`;
-    rows that make none are counted in `stats`. Raises `DataError` at the first malformed row."""
+    rows that make none are counted in `stats`. Raises `DataError` at the first malformed row, or
+    at the first row of another variant (plain strings / messages) than the rows before it."""
     used = set(fmt.required) | set(fmt.optional)
     stats.ignored_columns = sorted(set(stats.ignored_columns) | (set(rows.column_names) - used))
     for i, values in zip(indices, rows.select(indices)):
         stats.rows += 1
-        record = _record(_Row(dict(values), f"{source}, row {i + 1}", source, fmt), stats)
+        row = _Row(dict(values), f"{source}, row {i + 1}", source, fmt)
+        record = _record(row, stats, assistant_turns)
+        if row.conversational is not None:
+            if stats.conversational is not None and row.conversational != stats.conversational:
+                variant = "conversational (lists of messages)" if row.conversational else "standard (plain strings)"
+                raise row.error(f"the row is {variant}, unlike the rows read before it; give every row in one variant")
+            stats.conversational = row.conversational
         if record is not None:
             stats.kept += 1
             yield i, record

@@ -1,4 +1,4 @@
-"""Anthropic HH-RLHF preference data: parsing and loading (the `hh-rlhf` task reads its data here).
+"""Anthropic HH-RLHF preference data: parsing and loading (the `hh-rlhf` task parses its rows here).
 
 HH-RLHF (Bai et al. 2022, arXiv:2204.05862) stores each comparison as two full dialogues,
 
@@ -16,7 +16,8 @@ prompts differ, the two responses are the same, a response is empty, or there is
 turn. Over-long texts are cut to `max_chars` (prompts lose their oldest turns first) and counted.
 Malformed *files* (bad JSON, bad encoding, missing fields) raise `DataError`.
 
-`load_hh_pairs` reads a local `.jsonl` / `.jsonl.gz` file or a Hugging Face hub dataset.
+`load_hh_pairs` reads a local `.jsonl` / `.jsonl.gz` file or a Hugging Face hub dataset
+(`open_rows`, which the `hh-rlhf` task reads through too).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "truncate_response",
     "parse_pairs",
     "load_hh_pairs",
+    "open_rows",
     "iter_hub_rows",
 ]
 
@@ -306,6 +308,22 @@ def iter_hub_rows(dataset: str, split: str = "train", data_dir: str | None = Non
         yield i, dict(row)
 
 
+def open_rows(
+    path: str | Path | None = None, *, dataset: str | None = None, split: str = "train", data_dir: str | None = None
+) -> tuple[str, Iterable[tuple[int, dict[str, Any]]], str]:
+    """The rows of a local JSONL file (`path`) or a hub `dataset` id, not read yet:
+    `(source label, rows, unit)`, what `parse_pairs` takes (`unit`: "line" or "row").
+
+    Exactly one of `path` and `dataset` must be given; `split` and `data_dir` apply to the hub only.
+    """
+    if (path is None) == (dataset is None):
+        raise ValueError("pass exactly one of `path` (a local .jsonl/.jsonl.gz file) and `dataset` (a hub id)")
+    if path is not None:
+        return str(path), read_jsonl(path), "line"
+    label = f"{dataset}[{split}]" + (f" ({data_dir})" if data_dir else "")
+    return label, iter_hub_rows(dataset, split, data_dir), "row"
+
+
 def load_hh_pairs(
     path: str | Path | None = None,
     *,
@@ -320,13 +338,8 @@ def load_hh_pairs(
     only. Logs the one-line `HHStats.summary()` (a warning when rows were skipped, e.g. identical
     pairs) and returns `(pairs, stats)`.
     """
-    if (path is None) == (dataset is None):
-        raise ValueError("pass exactly one of `path` (a local .jsonl/.jsonl.gz file) and `dataset` (a hub id)")
-    if path is not None:
-        pairs, stats = parse_pairs(read_jsonl(path), str(path), max_chars=max_chars, unit="line")
-    else:
-        label = f"{dataset}[{split}]" + (f" ({data_dir})" if data_dir else "")
-        pairs, stats = parse_pairs(iter_hub_rows(dataset, split, data_dir), label, max_chars=max_chars, unit="row")
+    source, rows, unit = open_rows(path, dataset=dataset, split=split, data_dir=data_dir)
+    pairs, stats = parse_pairs(rows, source, max_chars=max_chars, unit=unit)
     # Skipped rows change what a run trains on: a warning, which is printed even where no logging is set up.
     logger.log(logging.WARNING if stats.skipped else logging.INFO, "HH-RLHF %s", stats.summary())
     return pairs, stats

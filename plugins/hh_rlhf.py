@@ -6,14 +6,17 @@ the task hands them out as preference pairs (DPO, reward models, ...), demonstra
 chosen replies, for SFT), unpaired examples (KTO) or prompts (online RL). There is no gold
 reward: the preferences are human labels.
 
-Data comes from a local `.jsonl` / `.jsonl.gz` file (by default the shared harmless-base test
-sample, see `Config.path`) or from a Hugging Face hub dataset (`Config.dataset`). The held-out
-test split is cut from it by prompt, seeded, so that no prompt is in both splits.
+A preset of the `dataset` task (`rlhfzoo.plugins.dataset.DatasetTask`): the same examples, split
+and model side, with HH's own options and reading. Data comes from a local `.jsonl` /
+`.jsonl.gz` file (by default the shared harmless-base test sample, see `Config.path`) or from a
+Hugging Face hub dataset (`Config.dataset`, `data_dir`), and its rows are parsed as HH rows
+(`rlhfzoo.plugins.hh_format`: dialogues split at their last assistant turn, prompt/chosen/rejected
+columns, chat messages rendered as HH text). The held-out test split is cut from the parsed pairs
+by prompt, seeded, so that no prompt is in both splits.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from pathlib import Path
@@ -24,16 +27,18 @@ from pydantic import Field, field_validator, model_validator
 from rlhfzoo import hookimpl
 from rlhfzoo.data.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
 from rlhfzoo.data.jsonl import DataFileNotFoundError
-from rlhfzoo.interfaces import Demonstration, PluginConfig, PreferencePair, Task, UnpairedExample
-from rlhfzoo.plugins.hh_format import HHStats, load_hh_pairs
+from rlhfzoo.interfaces import PluginConfig, PreferencePair
+from rlhfzoo.plugins.dataset import DatasetTask
+from rlhfzoo.plugins.dataset_formats import Format, ReadStats, Record
+from rlhfzoo.plugins.dataset_source import Part
+from rlhfzoo.plugins.hh_format import SKIP_REASONS, HHStats, open_rows, parse_pairs
 from rlhfzoo.pretrained import TOKENIZER_FILES, check_source
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "../shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 PATH_ENV = "RLHFZOO_HH_PATH"
 KINDS = ("pairs", "demonstrations", "unpaired", "prompts")
-SPLITS = ("train", "test")
+# HH rows in the `dataset` task's terms: pairs with a prompt (explicit, or the dialogues' shared turns).
+HH_FORMAT = Format("HH-RLHF", ("chosen", "rejected"), ("prompt",), KINDS)
 
 
 def _search_roots() -> list[Path]:
@@ -71,8 +76,14 @@ def resolve_data_path(path: str | None) -> Path:
     )
 
 
-class HHTask(Task):
-    """Anthropic HH-RLHF preference dialogues as pairs, demonstrations, unpaired examples or prompts."""
+class HHTask(DatasetTask):
+    """Anthropic HH-RLHF preference dialogues as pairs, demonstrations, unpaired examples or prompts.
+
+    The `dataset` task with HH's options (kept as they were: cached stages are keyed by them) and
+    HH reading: `_sources` finds the file (or hub split), `_read` parses its rows with
+    `hh_format.parse_pairs` and orders them; the split, the examples and `eval_prompts` are the
+    `dataset` task's.
+    """
 
     name = "hh-rlhf"
     aliases = ("hh",)
@@ -134,70 +145,65 @@ class HHTask(Task):
                 raise ValueError("set either `path` (a local file) or `dataset` (a hub id), not both")
             return self
 
-    def __init__(self, config: PluginConfig | None = None):
-        self.config = config if config is not None else self.Config()
-        self.stats: HHStats | None = None  # set once the data is loaded
-        self._splits: dict[str, list[PreferencePair]] | None = None
-        self._tokenizer: Any = None
+    # ---------------------------------------------------------------------------- reading (the preset's own)
+    def _sources(self) -> tuple[list[Part], None]:
+        """The one part to read: the local file (see `resolve_data_path`) or the hub split, its rows
+        `(number, dict)` not read yet; the test split is always cut from it."""
+        cfg = self.config
+        if cfg.dataset:
+            source, rows, _ = open_rows(dataset=cfg.dataset, split=cfg.split, data_dir=cfg.data_dir)
+        else:
+            source, rows, _ = open_rows(resolve_data_path(cfg.path))
+        return [Part(source, rows)], None
 
-    # ---------------------------------------------------------------------------- data
-    def _load(self) -> dict[str, list[PreferencePair]]:
-        """Read, parse, subsample and split the data once; later calls reuse it."""
-        if self._splits is None:
-            cfg = self.config
-            if cfg.dataset:
-                pairs, self.stats = load_hh_pairs(
-                    dataset=cfg.dataset, split=cfg.split, data_dir=cfg.data_dir, max_chars=cfg.max_chars
-                )
-            else:
-                pairs, self.stats = load_hh_pairs(resolve_data_path(cfg.path), max_chars=cfg.max_chars)
-            self._splits = split_by_prompt(pairs, cfg.test_fraction, cfg.seed, cfg.max_pairs)
-            logger.info(
-                "hh-rlhf: %d train / %d test pairs", len(self._splits["train"]), len(self._splits["test"])
-            )
-        return self._splits
+    def _read(self, parts: list[Part], stats: ReadStats) -> list[Record]:
+        """The pairs of the rows as records, in seeded shuffled order, cut to `max_pairs`.
 
-    def pairs(self, split: str = "train") -> list[PreferencePair]:
-        """The preference pairs of a split ('train' or 'test')."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r} for task {self.name!r}; splits are: {', '.join(SPLITS)}")
-        return list(self._load()[split])
+        HH's order: the rows are parsed in file order and the usable *pairs* shuffled (the `dataset`
+        task shuffles the rows before parsing), so that the split and the subset depend on the
+        pairs alone. Fills `stats` from the parse (`HHStats`); no usable pair is a `DataError`.
+        """
+        cfg = self.config
+        (part,) = parts
+        unit = "row" if cfg.dataset else "line"
+        pairs, parsed = parse_pairs(part.rows, part.name, max_chars=cfg.max_chars, unit=unit)
+        self.format = HH_FORMAT
+        _fill_stats(stats, parsed, unit)
+        order = list(range(len(pairs)))
+        random.Random(cfg.seed).shuffle(order)
+        return [Record(pairs[i].prompt, pairs[i].chosen, rejected=pairs[i].rejected) for i in order[: cfg.max_pairs]]
+
+    # ---------------------------------------------------------------------------- examples
+    def provides(self, kind: str) -> bool:
+        """Every HH row is a preference pair: the kinds are known without reading the data."""
+        return kind in KINDS
 
     def examples(self, kind: str, split: str = "train") -> list[Any]:
-        """Examples of a data kind for a split.
-
-        pairs: `PreferencePair`s; demonstrations: the prompts with their chosen responses
-        (duplicates dropped); unpaired: each chosen response as desirable and each rejected one
-        as undesirable (in pair order); prompts: the distinct prompts (str).
-        """
+        """Examples of a data kind for a split (see `DatasetTask.examples`): pairs, demonstrations
+        (the chosen responses, duplicates dropped), unpaired (each chosen response as desirable, then
+        its rejected one as undesirable) or prompts (the distinct prompts, str)."""
         if kind not in KINDS:
             raise ValueError(
                 f"task {self.name!r} has no {kind!r} data; it provides: {', '.join(KINDS)} "
                 "(HH-RLHF has preference labels but no rewards)"
             )
-        pairs = self.pairs(split)
-        if kind == "pairs":
-            return pairs
-        if kind == "demonstrations":
-            return list(dict.fromkeys(Demonstration(p.prompt, p.chosen) for p in pairs))
-        if kind == "unpaired":
-            return [
-                ex
-                for p in pairs
-                for ex in (UnpairedExample(p.prompt, p.chosen, True), UnpairedExample(p.prompt, p.rejected, False))
-            ]
-        return list(dict.fromkeys(p.prompt for p in pairs))
+        return super().examples(kind, split)
+
+    def pairs(self, split: str = "train") -> list[PreferencePair]:
+        """The preference pairs of a split ('train' or 'test')."""
+        return self.examples("pairs", split)
 
     # ---------------------------------------------------------------------------- model side
     def tokenizer(self) -> Any:
-        """The configured pretrained tokenizer, or a byte-level BPE trained on the train split (cached)."""
+        """The configured pretrained tokenizer, or a byte-level BPE trained on the train split (cached):
+        on its distinct prompts and its responses, each after a space (as they follow the prompt)."""
         if self._tokenizer is None:
             if self.config.tokenizer:
                 self._tokenizer = load_pretrained_tokenizer(self.config.tokenizer)
             else:
-                pairs = self.pairs("train")
-                texts = [*dict.fromkeys(p.prompt for p in pairs)]
-                texts += [" " + r for p in pairs for r in (p.chosen, p.rejected)]
+                records = self._load()["train"]
+                texts = [*dict.fromkeys(r.prompt for r in records)]
+                texts += [" " + t for r in records for t in (r.response, r.rejected)]
                 self._tokenizer = train_bpe_tokenizer(texts, vocab_size=self.config.vocab_size)
         return self._tokenizer
 
@@ -206,38 +212,19 @@ class HHTask(Task):
         return {"name": "reward-model", "path": "auto"}
 
     def default_model_config(self) -> dict[str, Any]:
-        """A small GPT-2 for training from scratch on this task."""
+        """A small GPT-2 for training from scratch on this task (fixed here: the cached stages depend on it)."""
         return {"arch": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256}
 
 
-def split_by_prompt(
-    pairs: list[PreferencePair], test_fraction: float, seed: int, max_pairs: int | None = None
-) -> dict[str, list[PreferencePair]]:
-    """Seeded train/test split that keeps all pairs of a prompt on the same side.
-
-    The pairs are shuffled with `random.Random(seed)`, cut to `max_pairs`, grouped by prompt (in
-    shuffled order), and whole groups go to 'test' until it holds `round(test_fraction * n)` pairs
-    (at least one when `test_fraction > 0` and there are two or more prompts); the rest is
-    'train'. Both lists keep the shuffled order.
-    """
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    if max_pairs is not None:
-        order = order[:max_pairs]
-    groups: dict[str, list[PreferencePair]] = {}
-    for i in order:
-        groups.setdefault(pairs[i].prompt, []).append(pairs[i])
-    n_test = round(test_fraction * len(order))
-    if test_fraction > 0 and len(groups) > 1:
-        n_test = max(n_test, 1)
-    test: list[PreferencePair] = []
-    train: list[PreferencePair] = []
-    remaining = len(groups)
-    for group in groups.values():
-        remaining -= 1
-        # keep at least one group for training
-        (test if len(test) < n_test and (train or remaining) else train).extend(group)
-    return {"train": train, "test": test}
+def _fill_stats(stats: ReadStats, parsed: HHStats, unit: str) -> None:
+    """Copy what `parse_pairs` counted into the `dataset` task's read summary (skipped rows as "line 3")."""
+    stats.source, stats.format = parsed.source, HH_FORMAT.name
+    stats.rows, stats.kept, stats.truncated = parsed.rows, parsed.pairs, parsed.truncated
+    stats.ignored_columns = list(parsed.ignored_fields)
+    for reason in SKIP_REASONS:
+        if parsed.skipped_rows.get(reason):
+            stats.skipped_by_reason[reason] = getattr(parsed, f"skipped_{reason}")
+            stats.skipped_rows[reason] = [f"{unit} {n}" for n in parsed.skipped_rows[reason]]
 
 
 @hookimpl

@@ -23,7 +23,7 @@ import torch
 
 from rlhfzoo.data.collate import TruncationStats, encode, pad
 from rlhfzoo.errors import UserError
-from rlhfzoo.interfaces import Policy
+from rlhfzoo.interfaces import Chat, Policy, Text
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -130,7 +130,8 @@ class RewardModel:
         return cls(policy, **kwargs)
 
     # -------------------------------------------------------------------------- encoding
-    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+    def encode(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[list[int]]:
+        """Token ids of each (prompt, response), as the collator encodes them (a conversation with its chat template)."""
         if len(prompts) != len(responses):
             raise RewardModelError(f"{self.name} got {len(prompts)} prompts but {len(responses)} responses")
         unk = self.tokenizer.unk_token_id
@@ -138,7 +139,7 @@ class RewardModel:
         rows, unknown = [], 0
         for i, (p, r) in enumerate(zip(prompts, responses)):
             for what, text in (("prompt", p), ("response", r)):
-                if not isinstance(text, str):
+                if not isinstance(text, (str, Chat)):
                     raise RewardModelError(f"{self.name}: {what} {i} is a {type(text).__name__}, not text: {text!r:.80}")
             try:
                 ids, response_mask = encode(self.tokenizer, p, r, self.max_length, stats)

@@ -1,7 +1,9 @@
 """Text examples -> token batches.
 
-A sequence is `[bos] prompt response [eos]`; `response_mask` marks the response tokens and the
-EOS (what a policy is trained to produce). Sequences are right-padded for training; prompts are
+A sequence of plain text is `[bos] prompt response [eos]`; `response_mask` marks the response
+tokens and the EOS (what a policy is trained to produce). A conversation (`Chat` prompt and
+response, the conversational formats) is rendered with the tokenizer's chat template instead,
+exactly as inference renders it, the mask on the assistant's tokens (`rlhfzoo.data.chat`). Sequences are right-padded for training; prompts are
 left-padded for generation (see `rlhfzoo.policy`). Over-long sequences are truncated -- the
 prompt from the left first, then the response from the right -- and counted, never an error.
 """
@@ -13,12 +15,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlhfzoo.data.chat import chat_prompt_ids, encode_chat
 from rlhfzoo.interfaces import (
     Batch,
+    Chat,
     Demonstration,
     PreferencePair,
     RewardedExample,
     SequenceBatch,
+    Text,
     UnpairedExample,
 )
 
@@ -29,18 +34,29 @@ class TruncationStats:
     truncated: int = 0
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
+    """The ids a policy generates from: `[bos] prompt`, or a conversation with the chat template's generation prompt."""
+    if isinstance(prompt, Chat):
+        return chat_prompt_ids(tokenizer, prompt)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + list(ids)
 
 
 def encode(
-    tokenizer: Any, prompt: str, response: str, max_length: int, stats: TruncationStats | None = None
+    tokenizer: Any, prompt: Text, response: Text, max_length: int, stats: TruncationStats | None = None
 ) -> tuple[list[int], list[int]]:
-    """Token ids of `[bos] prompt response [eos]` and the matching response mask."""
-    p = prompt_ids(tokenizer, prompt)
-    r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    """Token ids of `[bos] prompt response [eos]` (a conversation: its chat-template rendering)
+    and the matching response mask, cut to `max_length`: the prompt from the left after its first
+    token, then the response from the right."""
+    if isinstance(prompt, Chat) or isinstance(response, Chat):
+        ids, mask = encode_chat(tokenizer, prompt if isinstance(prompt, Chat) else Chat(), response)
+        start = mask.index(1) if 1 in mask else len(mask)  # the prompt: everything before the first trained token
+        p, r, r_mask = ids[:start], ids[start:], mask[start:]
+    else:
+        p = prompt_ids(tokenizer, prompt)
+        r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        r_mask = [1] * len(r)
     if stats is not None:
         stats.sequences += 1
     if len(p) + len(r) > max_length:
@@ -48,8 +64,8 @@ def encode(
             stats.truncated += 1
         keep_prompt = max(1, min(len(p), max_length - len(r)))
         p = p[:1] + p[len(p) - keep_prompt + 1 :] if keep_prompt > 1 else p[:1]
-        r = r[: max_length - len(p)]
-    return p + r, [0] * len(p) + [1] * len(r)
+        r, r_mask = r[: max_length - len(p)], r_mask[: max_length - len(p)]
+    return p + r, [0] * len(p) + r_mask
 
 
 def pad(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -64,7 +80,7 @@ def pad(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch
     return out
 
 
-def sequence_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int, stats=None) -> SequenceBatch:
+def sequence_batch(tokenizer: Any, pairs: Sequence[tuple[Text, Text]], max_length: int, stats=None) -> SequenceBatch:
     encoded = [encode(tokenizer, p, r, max_length, stats) for p, r in pairs]
     ids = pad([e[0] for e in encoded], tokenizer.pad_token_id)
     attn = pad([[1] * len(e[0]) for e in encoded], 0)
@@ -72,7 +88,7 @@ def sequence_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length:
     return SequenceBatch(ids, attn, resp)
 
 
-Encode = Callable[[Sequence[tuple[str, str]]], SequenceBatch]  # (prompt, response) texts -> a SequenceBatch
+Encode = Callable[[Sequence[tuple[Text, Text]]], SequenceBatch]  # (prompt, response) texts or chats -> a SequenceBatch
 BatchBuilder = Callable[[list[Any], Encode, torch.Tensor], Batch]
 BUILDERS: dict[type, BatchBuilder] = {}
 
@@ -137,7 +153,7 @@ class Collator:
     max_length: int = 128
     stats: TruncationStats = field(default_factory=TruncationStats)
 
-    def encode(self, pairs: Sequence[tuple[str, str]]) -> SequenceBatch:
+    def encode(self, pairs: Sequence[tuple[Text, Text]]) -> SequenceBatch:
         return sequence_batch(self.tokenizer, pairs, self.max_length, self.stats)
 
     def __call__(self, rows: Sequence[tuple[int, Any]]) -> Batch:

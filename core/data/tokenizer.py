@@ -9,21 +9,31 @@ from rlhfzoo.pretrained import LoadError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
+# ChatML, as Qwen2 writes it: each turn `<|im_start|>role\ncontent<|im_end|>\n`.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, chat: bool = False):
     """Train a byte-level BPE tokenizer on `texts`; returns a `transformers.PreTrainedTokenizerFast`.
 
     Byte-level, so any text round-trips (no unknown token). `<|endoftext|>` is both bos and eos
     (as in GPT-2) and `<|pad|>` is the padding token; no special tokens are added automatically
     when encoding. The vocabulary holds the 256 byte symbols, the two special tokens and up to
     `vocab_size - 258` merges. Training is deterministic given the texts.
+
+    `chat=True` (for conversational data and a model trained from scratch): two more special
+    tokens, `<|im_start|>` and `<|im_end|>`, the ChatML chat template (`CHATML_TEMPLATE`), and
+    `<|im_end|>` as eos, so that generation stops where an assistant turn ends.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    specials = [EOS_TOKEN, PAD_TOKEN]
+    specials = [EOS_TOKEN, PAD_TOKEN] + ([TURN_START, TURN_END] if chat else [])
     if vocab_size < len(alphabet) + len(specials):
         raise ValueError(f"vocab_size must be at least {len(alphabet) + len(specials)} for byte-level BPE, got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -37,7 +47,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freque
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    if not chat:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=TURN_END, pad_token=PAD_TOKEN)
+    out.chat_template = CHATML_TEMPLATE
+    return out
 
 
 def load_pretrained_tokenizer(name_or_path: str):

@@ -7,8 +7,9 @@ re-exports them beside the interfaces that use them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import torch
 
@@ -21,11 +22,45 @@ DATA_KINDS: tuple[str, ...] = ("demonstrations", "pairs", "unpaired", "rewarded"
 
 
 @dataclass(frozen=True)
+class Chat:
+    """A conversation: (role, content) turns, the conversational variant of a prompt or response.
+
+    A prompt `Chat` holds the turns before the response (system and user turns, earlier assistant
+    turns); a response `Chat` the assistant turn(s) it answers with. Chats are rendered to tokens
+    with the tokenizer's own chat template (`rlhfzoo.data.chat`), never flattened to text; `str()`
+    gives a readable form for logs and text-based rewards.
+    """
+
+    turns: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, messages: Iterable[Mapping[str, str]]) -> "Chat":
+        """From `[{"role": ..., "content": ...}, ...]`, the form `apply_chat_template` takes."""
+        return cls(tuple((m["role"], m["content"]) for m in messages))
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.turns]
+
+    def __add__(self, other: "Chat") -> "Chat":
+        return Chat(self.turns + other.turns)
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+    def __str__(self) -> str:
+        return "\n".join(f"{role}: {content}" for role, content in self.turns)
+
+
+# A prompt or response: plain text (standard formats) or a conversation (conversational formats).
+Text = Union[str, Chat]
+
+
+@dataclass(frozen=True)
 class Demonstration:
     """A prompt and a good response, for supervised fine-tuning."""
 
-    prompt: str
-    response: str
+    prompt: Text
+    response: Text
 
 
 @dataclass(frozen=True)
@@ -37,9 +72,9 @@ class PreferencePair:
     the pairs expanded from one K-wise ranking, so that a prompt can be made to count once.
     """
 
-    prompt: str
-    chosen: str
-    rejected: str
+    prompt: Text
+    chosen: Text
+    rejected: Text
     margin: float | None = None
     group: int | None = None
 
@@ -48,8 +83,8 @@ class PreferencePair:
 class UnpairedExample:
     """A single response labelled desirable or undesirable (KTO)."""
 
-    prompt: str
-    response: str
+    prompt: Text
+    response: Text
     desirable: bool
 
 
@@ -57,8 +92,8 @@ class UnpairedExample:
 class RewardedExample:
     """A (prompt, response, reward) triple for offline RL."""
 
-    prompt: str
-    response: str
+    prompt: Text
+    response: Text
     reward: float
 
 
@@ -136,7 +171,7 @@ class Rollout:
     response_mask: [B, P + R] 1 on generated tokens up to and including EOS.
     logprobs: [B, P + R - 1] log-probs of token t+1 given the prefix up to t under the sampling
         distribution (0 outside the response), aligned like `Policy.logprobs`.
-    prompts, responses: the texts.
+    prompts: the prompts as given (text or `Chat`); responses: the generated texts.
     finished: [B] bool, whether the response ended with EOS (not cut at max length).
     """
 
@@ -144,7 +179,7 @@ class Rollout:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     logprobs: torch.Tensor
-    prompts: list[str]
+    prompts: list[Text]
     responses: list[str]
     finished: torch.Tensor
 

@@ -65,6 +65,16 @@ def test_every_builtin_task_has_a_case():
     assert builtin <= set(CASES), f"add a case to CASES for {sorted(builtin - set(CASES))}"
 
 
+def test_task_contract_on_conversational_rows(tmp_path):
+    """The `dataset` task's conversational variant: prompts and responses are `Chat`s."""
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": [{"role": "assistant", "content": f"Answer {i}."}],
+             "rejected": [{"role": "assistant", "content": f"No {i}."}]} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = check_task("dataset", path=str(path), test_fraction=0.25, vocab_size=300)
+    assert report["checked"] and not report["skipped"], report
+
+
 @pytest.mark.parametrize("name", TASKS)
 def test_task_contract(name, tmp_path, monkeypatch):
     options = CASES[name](tmp_path, monkeypatch) if name in CASES else {}

@@ -14,7 +14,7 @@ from rlhfzoo.data.jsonl import DataError
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Demonstration, PreferencePair, RewardedExample, UnpairedExample
 from rlhfzoo.plugins.dataset import DatasetTask
-from rlhfzoo.plugins.dataset_formats import ConversationalRowsError, shared_prompt
+from rlhfzoo.plugins.dataset_formats import shared_prompt
 from rlhfzoo.testing import TINY_POLICY, check_objective, check_task
 
 datasets = pytest.importorskip("datasets")
@@ -301,7 +301,7 @@ def test_rows_of_the_wrong_shape_name_file_row_columns_and_formats(tmp_path):
          "row 2: field 'label' must be true or false, not int 1", "'prompt', 'completion', 'label'"),
         ([{"prompt": "a", "chosen": " b", "rejected": " c"}, {"prompt": "d", "chosen": " e"}],
          "row 2: field 'rejected' is missing or null", "has the columns 'prompt', 'chosen' and"),
-        ([{"text": "a"}, {"text": "b"}, {"text": 7}], "row 3: field 'text' must be a string, not int 7", "'text'"),
+        ([{"text": "a"}, {"text": "b"}, {"text": 7}], "row 3: field 'text' must be a string or a list of messages, not int 7", "'text'"),
     ]
     for k, (rows, problem, columns) in enumerate(cases):
         path = tmp_path / f"bad{k}.jsonl"
@@ -310,7 +310,7 @@ def test_rows_of_the_wrong_shape_name_file_row_columns_and_formats(tmp_path):
             task(path, test_fraction=0.0).examples("demonstrations")
         msg = str(e.value)
         assert isinstance(e.value, UserError) and str(path) in msg and problem in msg and columns in msg, msg
-        assert "Accepted formats: preference: prompt + chosen + rejected [+ margin]" in msg
+        assert "Accepted formats: conversation: messages; preference: prompt + chosen + rejected [+ margin]" in msg
 
 
 def test_undetectable_format_and_unreadable_files(tmp_path):
@@ -329,17 +329,6 @@ def test_undetectable_format_and_unreadable_files(tmp_path):
     with pytest.raises(DataError, match=r"fake\.parquet: could not read it as parquet") as e:
         task(not_parquet).examples("prompts")
     assert "iconv" not in str(e.value) and "UTF-8" not in str(e.value)
-
-
-def test_conversational_rows_are_refused_with_the_reason(tmp_path):
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    for rows, where in (
-        ([{"messages": chat}], "column 'messages'"),
-        ([{"prompt": chat[:1], "chosen": chat[1:], "rejected": [{"role": "assistant", "content": "Go"}]}], "row 1: field 'chosen'"),
-    ):
-        path = write(rows, tmp_path / "chat.jsonl")
-        with pytest.raises(ConversationalRowsError, match=f"{where}: conversational rows .* chat template"):
-            task(path).examples("prompts")
 
 
 def test_skipped_rows_are_counted_and_shown_once(tmp_path, caplog):
@@ -390,3 +379,30 @@ def test_objectives_train_from_files(objective, tmp_path):
     rows = [{k: (v + f" {n}" if isinstance(v, str) else v) for k, v in r.items()} for n in range(3) for r in ROWS[fmt]]
     section = {"name": "dataset", "path": str(write(rows, tmp_path / file)), "vocab_size": 300}
     check_objective(objective, tmp_path / "run", task=section, reward=None)  # two steps, finite loss, weights moved
+
+
+# ---------------------------------------------------------------------------- K-wise rankings
+
+
+def test_rankings_give_k_choose_2_pairs_per_prompt_and_best_vs_worst(tmp_path):
+    rows = [
+        {"prompt": "Rate these.", "completions": [" ok", " best", " worst", " fine"], "ranking": [3, 1, 4, 2]},
+        {"prompt": "Tied.", "completions": [" a", " b"], "ranking": [1, 1]},  # no order: skipped
+        {"prompt": "Two.", "completions": [" yes", " no", " maybe"], "ranking": [1, 2, 2]},  # the tie makes no pair
+    ]
+    t = task(write(rows, tmp_path / "ranked.jsonl"), test_fraction=0.0)
+    rankings = t.examples("rankings")
+    by_prompt = {}
+    for p in rankings:
+        by_prompt.setdefault(p.prompt, set()).add((p.chosen, p.rejected))
+    assert by_prompt["Rate these."] == {
+        (" best", " fine"), (" best", " ok"), (" best", " worst"), (" fine", " ok"), (" fine", " worst"), (" ok", " worst")
+    }
+    assert by_prompt["Two."] == {(" yes", " no"), (" yes", " maybe")}
+    assert len({p.group for p in rankings}) == 2 and all(p.group is not None for p in rankings)
+    # best vs worst; of tied worst ones the later completion
+    assert set(t.examples("pairs")) == {PreferencePair("Rate these.", " best", " worst"), PreferencePair("Two.", " yes", " maybe")}
+    assert set(t.examples("demonstrations")) == {Demonstration("Rate these.", " best"), Demonstration("Two.", " yes")}
+    assert t.stats.skipped_by_reason == {"no_ranking": 1}
+    with pytest.raises(DataError, match="row 1: field 'ranking' must be a list of 2 numbers, one per completion"):
+        task(write([{"prompt": "p", "completions": [" a", " b"], "ranking": [1]}], tmp_path / "bad.jsonl")).examples("pairs")

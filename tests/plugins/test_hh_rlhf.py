@@ -1,6 +1,8 @@
-"""The `hh-rlhf` task plugin: registration, config, splits, example kinds, tokenizers."""
+"""The `hh-rlhf` task plugin (a preset of the `dataset` task): registration, config, splits, example
+kinds, tokenizers."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ from rlhfzoo import registry
 from rlhfzoo.data.jsonl import DataError
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Demonstration, PreferencePair, UnpairedExample
-from rlhfzoo.plugins.hh_rlhf import DEFAULT_PATH, PATH_ENV, HHTask, split_by_prompt
+from rlhfzoo.plugins.dataset import DatasetTask
+from rlhfzoo.plugins.hh_format import load_hh_pairs
+from rlhfzoo.plugins.hh_rlhf import DEFAULT_PATH, PATH_ENV, HHTask
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = REPO / "tests" / "data" / "hh_small.jsonl"
@@ -42,6 +46,7 @@ def synthetic(tmp_path):
 def test_registered_with_metadata():
     entry = registry.get("task", "hh-rlhf")
     assert entry.cls is HHTask and registry.get("task", "hh").cls is HHTask
+    assert issubclass(HHTask, DatasetTask)  # a preset of the general loader
     assert "2204.05862" in entry.paper and "Bai" in entry.paper and entry.summary
     for name, f in HHTask.Config.model_fields.items():
         assert f.description, f"Config.{name} has no description"
@@ -76,7 +81,10 @@ def test_example_kinds_on_the_fixture():
     train, test = task.examples("pairs"), task.examples("pairs", "test")
     assert len(train) + len(test) == 5 and len(test) == 1
     assert all(isinstance(p, PreferencePair) for p in train + test)
-    assert task.stats.skipped == 4 and task.stats.pairs == 5
+    assert task.stats.skipped == 4 and task.stats.kept == 5 and task.stats.rows == 9
+    assert task.stats.skipped_rows == {
+        "prefix_mismatch": ["line 3"], "identical": ["line 4"], "empty_response": ["line 7"], "no_assistant_turn": ["line 8"]
+    }
 
     demos = task.examples("demonstrations")
     assert demos == [Demonstration(p.prompt, p.chosen) for p in train]
@@ -115,10 +123,52 @@ def test_split_is_seeded_grouped_by_prompt_and_capped(synthetic):
     assert len(everything.examples("pairs")) == 60 and everything.examples("pairs", "test") == []
 
 
-def test_split_keeps_a_training_group():
-    pairs = [PreferencePair("same prompt", f"c{i}", f"r{i}") for i in range(5)]
-    split = split_by_prompt(pairs, test_fraction=0.5, seed=0)
-    assert len(split["train"]) == 5 and split["test"] == []
+def test_split_keeps_a_training_group(tmp_path):
+    path = tmp_path / "one_prompt.jsonl"
+    q = "\n\nHuman: same prompt?\n\nAssistant:"
+    path.write_text("".join(json.dumps({"chosen": f"{q} c{i}", "rejected": f"{q} r{i}"}) + "\n" for i in range(5)))
+    task = _task(path=str(path), test_fraction=0.5)
+    assert len(task.examples("pairs")) == 5 and task.examples("pairs", "test") == []
+
+
+def test_usable_pairs_are_shuffled_not_rows(tmp_path):
+    """HH's rule: the seeded shuffle, `max_pairs` and the split see the usable pairs only, so rows that
+    make no pair (here an identical pair and a row without an assistant turn, between the others)
+    change nothing. With distinct prompts the split is the shuffled order cut at round(0.25 * 8) = 2."""
+    clean = _write_pairs(tmp_path / "clean.jsonl", 8)
+    lines = clean.read_text().splitlines(keepends=True)
+    same = "\n\nHuman: q?\n\nAssistant: same"
+    noisy = tmp_path / "noisy.jsonl"
+    noisy.write_text("".join(
+        lines[:3] + [json.dumps({"chosen": same, "rejected": same}) + "\n"]
+        + lines[3:6] + [json.dumps({"chosen": "\n\nHuman: no reply", "rejected": "\n\nHuman: none"}) + "\n"] + lines[6:]
+    ))
+    pairs, _ = load_hh_pairs(clean)  # file order
+    order = list(range(8))
+    random.Random(3).shuffle(order)
+    expected = [pairs[i] for i in order]
+    for path in (clean, noisy):
+        task = _task(path=str(path), seed=3, test_fraction=0.25)
+        assert task.examples("pairs", "test") == expected[:2] and task.examples("pairs") == expected[2:]
+    assert task.stats.rows == 10 and task.stats.skipped == 2
+    capped = _task(path=str(noisy), seed=3, test_fraction=0.25, max_pairs=4)
+    assert capped.examples("pairs", "test") == [expected[0]] and capped.examples("pairs") == expected[1:4]
+
+
+def test_kinds_are_known_without_reading_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv(PATH_ENV, str(tmp_path / "not-yet.jsonl"))
+    task = _task()
+    assert [k for k in ("pairs", "demonstrations", "unpaired", "prompts", "rewarded") if task.provides(k)] == [
+        "pairs", "demonstrations", "unpaired", "prompts"
+    ]
+    assert task.default_reward() == {"name": "reward-model", "path": "auto"} and task.stats is None
+
+
+def test_no_usable_pair_is_an_error(tmp_path):
+    path = tmp_path / "same.jsonl"
+    path.write_text('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: b"}\n')
+    with pytest.raises(DataError, match=r"same\.jsonl: no usable preference pairs .*identical 1.*'chosen' and 'rejected'"):
+        _task(path=str(path)).examples("pairs")
 
 
 # ---------------------------------------------------------------------------- data location
@@ -151,7 +201,7 @@ def test_skipped_rows_are_shown_once_when_the_data_is_loaded(tmp_path, caplog):
         task.examples("pairs", "test")
         task.examples("prompts")
     shown = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(shown) == 1 and "identical 3" in shown[0] and str(path) in shown[0]
+    assert len(shown) == 1 and "identical 3: line 7, line 8, line 9" in shown[0] and str(path) in shown[0]
 
 
 def test_env_var_supplies_the_default_path(monkeypatch, synthetic):
@@ -182,7 +232,7 @@ def test_default_is_the_shared_sample_from_any_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     task = HHTask()
     test = task.examples("pairs", "test")
-    assert task.stats.rows == 2312 and task.stats.pairs == 2303
+    assert task.stats.rows == 2312 and task.stats.kept == 2303
     assert 228 <= len(test) <= 232
 
 
@@ -192,6 +242,24 @@ def test_hub_dataset_offline_error(monkeypatch):
     task = _task(dataset="Anthropic/hh-rlhf", data_dir="harmless-base", split="test")
     with pytest.raises(DataError, match="could not reach or load the dataset 'Anthropic/hh-rlhf'.*local"):
         task.examples("pairs")
+
+
+def test_hub_dataset_rows_are_read_as_hh_rows(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in SMALL.read_text().splitlines() if line.strip()]
+    seen = {}
+
+    def fake_load(name, split, **kwargs):
+        seen.update(name=name, split=split, **kwargs)
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    task = _task(dataset="Anthropic/hh-rlhf", data_dir="harmless-base", split="test", test_fraction=0.2)
+    local = _task(path=str(SMALL), test_fraction=0.2)
+    for split in ("train", "test"):
+        assert task.examples("pairs", split) == local.examples("pairs", split)
+    assert seen == {"name": "Anthropic/hh-rlhf", "split": "test", "data_dir": "harmless-base"}
+    assert task.stats.source == "Anthropic/hh-rlhf[test] (harmless-base)" and task.stats.skipped_rows["prefix_mismatch"] == ["row 3"]
 
 
 # ---------------------------------------------------------------------------- tokenizers
