@@ -368,14 +368,21 @@ def test_trained_tokenizer_round_trips_the_data(tmp_path):
         assert tok.decode(tok(text)["input_ids"]) == text
 
 
-TRAINED_ON = {"sft": "prompt-completion", "dpo": "preference", "kto": "unpaired", "bradley-terry": "implicit"}
+TRAINED_ON = {  # objective -> (format, file type)
+    "sft": ("prompt-completion", "d.parquet"),
+    "dpo": ("preference", "d.jsonl.gz"),
+    "ipo": ("preference", "saved"),
+    "kto": ("unpaired", "d.csv"),
+    "bradley-terry": ("implicit", "saved"),
+    "reward-regression": ("rewarded", "d.jsonl"),
+    "ilql": ("rewarded", "d.parquet"),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", list(TRAINED_ON))
 def test_objectives_train_from_files(objective, tmp_path):
-    fmt = TRAINED_ON[objective]
-    file = {"sft": "d.parquet", "dpo": "d.jsonl.gz", "kto": "d.csv", "bradley-terry": "saved"}[objective]
+    fmt, file = TRAINED_ON[objective]
     rows = [{k: (v + f" {n}" if isinstance(v, str) else v) for k, v in r.items()} for n in range(3) for r in ROWS[fmt]]
     section = {"name": "dataset", "path": str(write(rows, tmp_path / file)), "vocab_size": 300}
     check_objective(objective, tmp_path / "run", task=section, reward=None)  # two steps, finite loss, weights moved
