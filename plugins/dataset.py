@@ -31,12 +31,11 @@ from pydantic import Field, field_validator, model_validator
 
 from rlhfzoo import hookimpl
 from rlhfzoo.data.jsonl import DataError
-from rlhfzoo.data.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
+from rlhfzoo.data.tokenizer import check_tokenizer_option, load_pretrained_tokenizer, train_bpe_tokenizer
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import Chat, Demonstration, Text, PluginConfig, PreferencePair, RewardedExample, Task, UnpairedExample
 from rlhfzoo.plugins.dataset_formats import STANDARD_COLUMNS, Format, ReadStats, Record, detect_format, parse_rows, rename_columns
 from rlhfzoo.plugins.dataset_source import ACCEPTED_DATA, Part, check_local_path, read_hub, read_local
-from rlhfzoo.pretrained import TOKENIZER_FILES, check_source
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +156,7 @@ class DatasetTask(Task):
         @field_validator("tokenizer")
         @classmethod
         def _tokenizer_exists(cls, value: str | None) -> str | None:
-            fix = "Give a saved tokenizer's directory, a hub id, or leave `tokenizer` unset to train a BPE tokenizer on the data."
-            return None if value is None else check_source(value, "tokenizer", TOKENIZER_FILES, fix)
+            return check_tokenizer_option(value)
 
         @model_validator(mode="after")
         def _one_source_one_test_split(self):

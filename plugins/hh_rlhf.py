@@ -25,14 +25,13 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from rlhfzoo import hookimpl
-from rlhfzoo.data.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
+from rlhfzoo.data.tokenizer import check_tokenizer_option, load_pretrained_tokenizer, train_bpe_tokenizer
 from rlhfzoo.data.jsonl import DataFileNotFoundError
 from rlhfzoo.interfaces import PluginConfig, PreferencePair
 from rlhfzoo.plugins.dataset import DatasetTask
 from rlhfzoo.plugins.dataset_formats import Format, ReadStats, Record
 from rlhfzoo.plugins.dataset_source import Part
 from rlhfzoo.plugins.hh_format import SKIP_REASONS, HHStats, open_rows, parse_pairs
-from rlhfzoo.pretrained import TOKENIZER_FILES, check_source
 
 DEFAULT_PATH = "../shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 PATH_ENV = "RLHFZOO_HH_PATH"
@@ -136,8 +135,7 @@ class HHTask(DatasetTask):
         @field_validator("tokenizer")
         @classmethod
         def _tokenizer_exists(cls, value: str | None) -> str | None:
-            fix = "Give a saved tokenizer's directory, a hub id, or leave `tokenizer` unset to train a BPE tokenizer on the data."
-            return None if value is None else check_source(value, "tokenizer", TOKENIZER_FILES, fix)
+            return check_tokenizer_option(value)
 
         @model_validator(mode="after")
         def _one_source(self):

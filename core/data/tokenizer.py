@@ -54,6 +54,15 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freque
     return out
 
 
+def check_tokenizer_option(value: str | None) -> str | None:
+    """A task's `tokenizer` option: a saved tokenizer's directory or a hub id (else a config error
+    naming the fix), or None (train a BPE on the data)."""
+    from rlhfzoo.pretrained import TOKENIZER_FILES, check_source
+
+    fix = "Give a saved tokenizer's directory, a hub id, or leave `tokenizer` unset to train a BPE tokenizer on the data."
+    return None if value is None else check_source(value, "tokenizer", TOKENIZER_FILES, fix)
+
+
 def load_pretrained_tokenizer(name_or_path: str):
     """`AutoTokenizer.from_pretrained` (a local directory or a hub id), with pad set to eos if missing.
 
