@@ -96,9 +96,16 @@ def print_config_fields(config_cls: type[BaseModel]) -> None:
     type and description."""
     fields = config_cls.model_fields
     print("  config:" if fields else "  config:    (no options)")
-    for fname, f in fields.items():
+    _print_fields(config_cls, "")
+
+
+def _print_fields(config_cls: type[BaseModel], prefix: str) -> None:
+    for fname, f in config_cls.model_fields.items():
         default = "<required>" if f.is_required() else repr(f.get_default(call_default_factory=True))
-        print(f"    {fname} = {default}  ({type_name(f.annotation)})\n        {f.description or ''}")
+        print(f"    {prefix}{fname} = {default}  ({type_name(f.annotation)})\n        {f.description or ''}")
+        for nested in (f.annotation, *get_args(f.annotation)):  # a nested options model (policy.lora): its fields too
+            if isinstance(nested, type) and issubclass(nested, BaseModel):
+                _print_fields(nested, f"{prefix}{fname}.")
 
 
 def type_name(annotation: Any) -> str:

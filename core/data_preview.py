@@ -79,8 +79,10 @@ def _model_config(path: str) -> Any:
     """The transformers config of the model at `path` (its context length), without its weights."""
     from transformers import AutoConfig
 
+    from rlhfzoo import lora
+
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(lora.adapter_base(path) if lora.is_adapter_dir(path) else path)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for bad files
         raise load_error("policy.init", path, "causal LM", e, INIT_FIX) from None
 

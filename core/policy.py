@@ -4,9 +4,13 @@ Weights come from the task's SFT stage (`init: sft`, read with `rlhfzoo.stages`;
 constructs the policy builds it first), a new model trained from scratch
 (`init: scratch`, GPT-2 or Llama style, sized by the task), or a local path / hub id.
 
-Every log-prob goes through `rlhfzoo.kernels.linear_logprobs`, from the last hidden states and
-the LM-head weight, so the [B, T, V] logits never exist at once. `LMWithHeads.forward` does this
-inside the module's forward, so the same code runs under DDP/FSDP wrappers.
+The module is `rlhfzoo.hf_model.LMWithHeads`: the causal LM, an optional value head (on it or on
+a separate critic) and modules objectives attach; its forward gives per-token log-probs.
+
+Dropout is off by default (`dropout: false`): rollouts run in eval mode and losses in train mode,
+so with dropout on, PPO's ratio would not start at 1 nor DPO's margin at 0. `lora` trains peft
+adapters instead of the weights (`rlhfzoo.lora`); `dtype`, `attn_implementation` and
+`gradient_checkpointing` are passed on to transformers.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import copy
 import difflib
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -22,10 +27,12 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_model, save_model
 
-from rlhfzoo import hookimpl, kernels, stages
+from rlhfzoo import hookimpl, lora, stages
 from rlhfzoo.data.collate import pad, prompt_ids
 from rlhfzoo.errors import UserError
+from rlhfzoo.hf_model import LMWithHeads, build_scratch_model, config_values, disable_dropout, last_hidden_states, model_kwargs
 from rlhfzoo.interfaces import Policy, PluginConfig, Rollout
+from rlhfzoo.lora import LoraOptions
 from rlhfzoo.pretrained import MODEL_FILES, TOKENIZER_FILES, check_source, load_error
 
 INIT_KEYWORDS = ("sft", "scratch")
@@ -63,11 +70,36 @@ class HFPolicyConfig(PluginConfig):
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: all).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     seed: int = Field(0, description="Seed for the initialisation of a model from scratch.")
+    lora: LoraOptions | None = Field(
+        None,
+        description="Train LoRA adapters (peft) instead of the weights, e.g. {r: 8, lora_alpha: 16}: the reference is the "
+        "same model with the adapter off, and `policy/` a peft adapter directory. null: full fine-tuning (unless `init` is "
+        "an adapter directory, whose adapter then trains on).",
+    )
+    dropout: bool = Field(
+        False,
+        description="Keep the model's dropout in training. false: every dropout probability is set to 0 (as TRL does), so "
+        "sampling (eval mode) and the losses (train mode) see one distribution; the saved config keeps its values.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (transformers' gradient_checkpointing_enable): less memory, more compute."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype the weights are loaded in (transformers' `dtype`): `auto` is the checkpoint's own (float32 for a model from scratch).",
+    )
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel (transformers' attn_implementation): eager, sdpa, flash_attention_2, ... null: transformers' choice."
+    )
 
     @field_validator("init")
     @classmethod
     def _init_names_weights(cls, value: str) -> str:
         if value in INIT_KEYWORDS:
+            return value
+        if lora.is_adapter_dir(value):  # a LoRA adapter: its base must be there
+            fix = "Set `base_model_name_or_path` in its adapter_config.json to the base model's directory or hub id."
+            check_source(lora.adapter_base(value), "model", MODEL_FILES, f"(the base model of the adapter {value!r}) {fix}")
             return value
         close = difflib.get_close_matches(value, INIT_KEYWORDS, n=1, cutoff=0.6)
         if close and "/" not in value and not Path(value).exists():
@@ -78,6 +110,28 @@ class HFPolicyConfig(PluginConfig):
     @classmethod
     def _tokenizer_exists(cls, value: str | None) -> str | None:
         return None if value is None else check_source(value, "tokenizer", TOKENIZER_FILES, TOKENIZER_FIX)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention_exists(cls, value: str | None) -> str | None:
+        if value is None or "/" in value:  # a kernel from the hub, org/name
+            return value
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+        if value not in known and value.removeprefix("paged|") not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            raise ValueError(f"unknown attention {value!r}{f'; did you mean {close[0]!r}?' if close else ''} Known: {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _adapter_has_a_base(self):
+        if self.lora is not None and self.init == "scratch" and not self.lora.merge_on_save:
+            raise ValueError(
+                "lora on init: scratch would save an adapter over random weights that nothing can load again; set "
+                "lora.merge_on_save: true, or start from a pretrained model"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fits_the_context(self):
@@ -97,105 +151,6 @@ class HFPolicyConfig(PluginConfig):
                 + "; lower max_new_tokens or raise max_length"
             )
         return self
-
-
-def last_hidden_states(transformer: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [B, T, H] of a transformer (a causal LM's `base_model`). Positions count
-    real tokens only, so left padding does not shift them."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-
-
-class LMWithHeads(torch.nn.Module):
-    """A causal LM plus an optional value head; forward returns per-token log-probs (and values).
-
-    The value head reads the hidden states of `critic` when there is one (a separate critic
-    model, a causal LM whose vocabulary projection is unused), else those of `lm` itself.
-
-    Modules an objective attaches (`attach`, e.g. ILQL's heads) are children under their own
-    names, so they are trained, in the state dict and deep-copied with the rest; `attachments`
-    maps each name to the function that writes it into a policy directory (or None).
-    """
-
-    def __init__(self, lm: torch.nn.Module, value_head: bool = False, critic: torch.nn.Module | None = None):
-        super().__init__()
-        self.lm = lm
-        self.critic = critic
-        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
-        self.value_head = torch.nn.Linear(hidden, 1) if value_head else None
-        if self.value_head is not None:
-            torch.nn.init.zeros_(self.value_head.weight)
-            torch.nn.init.zeros_(self.value_head.bias)
-        self.attachments: dict[str, Callable[[torch.nn.Module, str], None] | None] = {}
-
-    def attach(self, name: str, module: torch.nn.Module, save: Callable[[torch.nn.Module, str], None] | None = None) -> torch.nn.Module:
-        """Add `module` as the child `name`; `save(module, dir)` writes it into a policy directory."""
-        if hasattr(self, name):
-            what = "already attached" if name in self.attachments else "a name of the policy's own module"
-            raise ValueError(f"cannot attach a module as {name!r}: {what}; choose another name")
-        self.add_module(name, module)
-        self.attachments[name] = save
-        return module
-
-    def attached(self, name: str) -> torch.nn.Module | None:
-        """The module attached as `name`, or None."""
-        return getattr(self, name) if name in self.attachments else None
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        temperature: float = 1.0,
-        return_entropy: bool = False,
-        return_values: bool = False,
-        return_logprobs: bool = True,
-    ) -> dict[str, torch.Tensor]:
-        """`logprobs` [B, T-1] (with `entropy` [B, T-1] if asked) unless `return_logprobs=False`, and
-        `values` [B, T] with `return_values=True`."""
-        if return_entropy and not return_logprobs:
-            raise ValueError("return_entropy=True needs return_logprobs=True")
-        out: dict[str, torch.Tensor] = {}
-        # The LM's hidden states, unless only the values are asked for and a separate critic gives them.
-        hidden = last_hidden_states(self.lm.base_model, input_ids, attention_mask) if return_logprobs or self.critic is None else None
-        if return_logprobs:
-            head = self.lm.get_output_embeddings()
-            targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-            result = kernels.linear_logprobs(
-                hidden[:, :-1], head.weight, targets, bias=head.bias, temperature=temperature, return_entropy=return_entropy
-            )
-            if return_entropy:
-                out["logprobs"], out["entropy"] = result
-            else:
-                out["logprobs"] = result
-        if return_values:
-            if self.value_head is None:
-                raise RuntimeError("this policy has no value head; set `policy.value_head: true`")
-            if self.critic is not None:
-                hidden = last_hidden_states(self.critic.base_model, input_ids, attention_mask)
-            out["values"] = self.value_head(hidden).squeeze(-1).float()
-        return out
-
-
-def build_scratch_model(config: HFPolicyConfig, tokenizer: Any, defaults: dict[str, Any]) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
-    size = {k: getattr(config, k) if getattr(config, k) is not None else defaults.get(k) for k in ("n_layer", "n_embd", "n_head", "n_positions")}
-    size = {k: v if v is not None else d for (k, v), d in zip(size.items(), (2, 128, 4, 128))}
-    arch = config.arch
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if arch == "llama":
-        mcfg = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=size["n_embd"], intermediate_size=4 * size["n_embd"],
-            num_hidden_layers=size["n_layer"], num_attention_heads=size["n_head"],
-            max_position_embeddings=size["n_positions"], tie_word_embeddings=True, **ids,
-        )
-    else:
-        mcfg = GPT2Config(
-            vocab_size=len(tokenizer), n_positions=size["n_positions"], n_embd=size["n_embd"], n_layer=size["n_layer"],
-            n_head=size["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
-        )
-    torch.manual_seed(config.seed)
-    return AutoModelForCausalLM.from_config(mcfg)
 
 
 def build_rollout(policy: Policy, prompts: Sequence[str], ids: torch.Tensor, attn: torch.Tensor, gen: torch.Tensor) -> Rollout:
@@ -220,6 +175,34 @@ def build_rollout(policy: Policy, prompts: Sequence[str], ids: torch.Tensor, att
     device = next(policy.module.parameters()).device
     lp = policy.logprobs(sequences.to(device), attention_mask.to(device)).float().cpu() * response_mask[:, 1:]
     return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
+
+
+@torch.no_grad()
+def sample_rollout(policy: Policy, prompts: Sequence[str], cfg: HFPolicyConfig) -> Rollout:
+    """Sample one response per prompt from `policy.module.lm` (in eval mode) with the sampling
+    options of `cfg`, prompts cut from the left to fit `max_length`."""
+    tok = policy.tokenizer
+    lm = policy.module.lm
+    encoded = [prompt_ids(tok, p)[-(cfg.max_length - cfg.max_new_tokens):] for p in prompts]
+    ids = pad(encoded, tok.pad_token_id, side="left")
+    attn = pad([[1] * len(e) for e in encoded], 0, side="left")
+    device = next(lm.parameters()).device
+    was_training = lm.training
+    lm.eval()
+    out = lm.generate(
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k or None,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        use_cache=True,
+    )
+    lm.train(was_training)
+    return build_rollout(policy, prompts, ids, attn, out[:, ids.shape[1] :])
 
 
 def fit_to_context(config: HFPolicyConfig, model_config: Any) -> HFPolicyConfig:
@@ -253,11 +236,14 @@ class HFPolicy(Policy):
     def __init__(self, config: HFPolicyConfig | None = None, task: Any = None, model: torch.nn.Module | None = None, tokenizer: Any = None):
         self.config = config or HFPolicyConfig()
         self.task = task
+        self.dropout_config: dict[str, float] = {}  # the model config's dropout before it was disabled, for `save`
         if model is None:
             model, tokenizer = self._build(task)
+        elif not isinstance(model, LMWithHeads):  # a transformers model passed in (`rlhfzoo.train(model=...)`)
+            model = self.prepare(model, getattr(model, "name_or_path", None) or None)
         self.tokenizer = tokenizer
         self.model = model if isinstance(model, LMWithHeads) else LMWithHeads(model, self.config.value_head)
-        self.config = fit_to_context(self.config, self.module.lm.config)
+        self.config = fit_to_context(self.config, lora.causal_lm(self.module.lm).config)
         if self.config.value_head and self.config.critic == "separate" and self.module.critic is None:
             self.module.critic = copy.deepcopy(self.module.lm)  # the critic starts from the policy's weights
         # Work done, for budgets in comparable units (benchmarks): tokens through training
@@ -268,14 +254,12 @@ class HFPolicy(Policy):
 
     # ------------------------------------------------------------------------------ building
     def _build(self, task: Any) -> tuple[torch.nn.Module, Any]:
-        from transformers import AutoModelForCausalLM
-
         init = self.config.init
         if init == "scratch":
             if task is None:
                 raise ValueError("policy.init=scratch needs a task (for the tokenizer and model size)")
             tok, _ = self.load_tokenizer(self.config, task)
-            return build_scratch_model(self.config, tok, task.default_model_config()), tok
+            return self.prepare(build_scratch_model(self.config, tok, task.default_model_config()), None), tok
         if init == "sft":
             if task is None:
                 raise ValueError("policy.init=sft needs a task")
@@ -283,18 +267,46 @@ class HFPolicy(Policy):
         else:
             path = init
         try:
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = self.load_lm(path)
             value_file = Path(path) / "value_head.safetensors"
             critic_dir = Path(path) / "critic"
-            critic = AutoModelForCausalLM.from_pretrained(str(critic_dir)) if critic_dir.is_dir() else None
+            critic = self.load_lm(str(critic_dir)) if critic_dir.is_dir() else None
             policy_model = LMWithHeads(model, self.config.value_head or value_file.exists(), critic=critic)
             if value_file.exists():
                 from safetensors.torch import load_file
 
                 policy_model.value_head.load_state_dict(load_file(str(value_file)))
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ... for bad files
             raise load_error("policy.init", path, "causal LM", e, INIT_FIX) from None
         return policy_model, self.load_tokenizer(self.config, task)[0]
+
+    def load_lm(self, path: str) -> torch.nn.Module:
+        """The causal LM of a directory or hub id (of an adapter directory: its base, the adapter on), `prepare`d."""
+        from transformers import AutoModelForCausalLM
+
+        adapter = path if lora.is_adapter_dir(path) else None
+        base = lora.adapter_base(path) if adapter else path
+        return self.prepare(AutoModelForCausalLM.from_pretrained(base, **model_kwargs(self.config)), base, adapter)
+
+    def prepare(self, model: torch.nn.Module, base: str | None, adapter: str | None = None) -> torch.nn.Module:
+        """A transformers model with the options applied: dropout off, gradient checkpointing, and
+        LoRA (a new adapter on `base`, or the one in the directory `adapter`)."""
+        if not self.config.dropout:
+            self.dropout_config = disable_dropout(model)
+        if self.config.gradient_checkpointing:  # transformers >= 5 renamed it activation checkpointing
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+        if adapter is not None:
+            return lora.load_adapter(model, adapter, self.config.lora)
+        if self.config.lora is not None:
+            return lora.add_adapter(model, self.config.lora, None if base is None else lora.base_reference(base))
+        return model
+
+    def is_lora(self) -> bool:
+        """Whether the policy trains LoRA adapters (`policy.lora`, or `init` an adapter directory)."""
+        return lora.is_peft(self.module.lm)
 
     @classmethod
     def load_tokenizer(cls, config: HFPolicyConfig, task: Any) -> tuple[Any, str]:
@@ -304,6 +316,8 @@ class HFPolicy(Policy):
         from transformers import AutoTokenizer
 
         model_path = None if config.init == "scratch" else str(stages.path("sft", task)) if config.init == "sft" else config.init
+        if model_path and lora.is_adapter_dir(model_path) and not any((Path(model_path) / f).is_file() for f in TOKENIZER_FILES):
+            model_path = lora.adapter_base(model_path)  # an adapter saved without its tokenizer: the base's
         source = config.tokenizer or model_path
         if source is None:
             tok, where = task.tokenizer(), f"task {task.name!r}"
@@ -346,7 +360,7 @@ class HFPolicy(Policy):
         return self.module.lm.get_output_embeddings()
 
     def transformer(self) -> torch.nn.Module:
-        return self.module.lm.base_model
+        return lora.causal_lm(self.module.lm).base_model
 
     # ------------------------------------------------------------------------------ attached modules
     def attach(self, name: str, module: torch.nn.Module, save: Callable[[torch.nn.Module, str], None] | None = None) -> torch.nn.Module:
@@ -357,33 +371,15 @@ class HFPolicy(Policy):
         return self.module.attached(name)
 
     # ------------------------------------------------------------------------------ sampling
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], **sampling: Any) -> Rollout:
-        cfg = self.config.model_copy(update=sampling) if sampling else self.config
-        tok = self.tokenizer
-        lm = self.module.lm
-        encoded = [prompt_ids(tok, p)[-(cfg.max_length - cfg.max_new_tokens):] for p in prompts]
-        ids = pad(encoded, tok.pad_token_id, side="left")
-        attn = pad([[1] * len(e) for e in encoded], 0, side="left")
-        device = next(lm.parameters()).device
-        was_training = lm.training
-        lm.eval()
-        out = lm.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k or None,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        lm.train(was_training)
-        return build_rollout(self, prompts, ids, attn, out[:, ids.shape[1] :])
+        return sample_rollout(self, prompts, self.config.model_copy(update=sampling) if sampling else self.config)
 
     # ------------------------------------------------------------------------------ copies & files
-    def frozen_copy(self) -> "HFPolicy":
+    def frozen_copy(self) -> Policy:
+        """A copy with gradients off; of a LoRA policy, a view of the same weights run as the
+        reference (`rlhfzoo.lora.AdapterReference`: the adapter training started from, or none)."""
+        if self.is_lora():
+            return lora.AdapterReference(self)
         critic, self.module.critic = self.module.critic, None  # a frozen copy (the reference) needs no critic
         try:
             module = copy.deepcopy(self.module)
@@ -392,32 +388,46 @@ class HFPolicy(Policy):
         module.requires_grad_(False)
         module.eval()
         config = self.config.model_copy(update={"critic": "shared"})
-        return HFPolicy(config, task=self.task, model=module, tokenizer=self.tokenizer)
+        frozen = HFPolicy(config, task=self.task, model=module, tokenizer=self.tokenizer)
+        frozen.dropout_config = self.dropout_config
+        return frozen
 
     def save(self, path: str) -> None:
-        """A directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, with the value
-        head, the separate critic and the attached modules (each written by its `save`) beside it."""
+        """A directory that `transformers.AutoModelForCausalLM.from_pretrained` loads (of a LoRA
+        policy: `peft.AutoPeftModelForCausalLM`, or AutoModelForCausalLM with `lora.merge_on_save`),
+        with the value head, the separate critic and the attached modules (each written by its
+        `save`) beside it. The model config keeps the dropout it was loaded with."""
         os.makedirs(path, exist_ok=True)
-        self.module.lm.save_pretrained(path, safe_serialization=True)
+        with ExitStack() as stack:
+            for lm in (m for m in (self.module.lm, self.module.critic) if m is not None):
+                stack.enter_context(config_values(lora.causal_lm(lm).config, self.dropout_config))
+            self.save_lm(self.module.lm, path)
+            if self.module.critic is not None:
+                self.save_lm(self.module.critic, os.path.join(path, "critic"))
         self.tokenizer.save_pretrained(path)
         if self.module.value_head is not None:
             from safetensors.torch import save_file
 
             save_file(self.module.value_head.state_dict(), os.path.join(path, "value_head.safetensors"))
-        if self.module.critic is not None:
-            self.module.critic.save_pretrained(os.path.join(path, "critic"), safe_serialization=True)
         for name, save in self.module.attachments.items():
             if save is not None:
                 save(self.module.attached(name), path)
         with open(os.path.join(path, "rlhfzoo_policy.json"), "w") as f:
             json.dump({"policy": self.name, "config": self.config.model_dump(mode="json")}, f, indent=1)
 
+    def save_lm(self, lm: torch.nn.Module, path: str) -> None:
+        if lora.is_peft(lm):
+            lora.save_lm(lm, path, merge=(self.config.lora or LoraOptions()).merge_on_save)
+        else:
+            lm.save_pretrained(path, safe_serialization=True)
+
     def save_weights(self, file: str) -> None:
-        save_model(self.module, file)
+        """All weights; of a LoRA policy, all but the frozen base (which `init` gives again)."""
+        (lora.save_trainable if self.is_lora() else save_model)(self.module, file)
 
     def load_weights(self, path: str) -> None:
         file = path if str(path).endswith(".safetensors") else os.path.join(path, "model.safetensors")
-        load_model(self.module, file)
+        (lora.load_trainable if self.is_lora() else load_model)(self.module, file)
 
 
 @hookimpl

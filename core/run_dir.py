@@ -33,13 +33,13 @@ from rlhfzoo.checkpoint import PARTIAL_DIR, STEP_DIR
 from rlhfzoo.training_errors import TrainingError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", ".config.yaml.tmp", ".metrics.jsonl.tmp", ".summary.json.tmp")
-RUN_DIRS = ("checkpoints", "policy", ".policy.tmp")
+RUN_DIRS = ("checkpoints", "policy", ".policy.tmp", "trackers")
 MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")  # a run has at least one of these
 # Config keys a resumed run may change: they decide how long it runs and what it logs or keeps,
 # not what it computes. Anything else would make the resumed run differ from an uninterrupted one.
 RESUMABLE_KEYS = (
     "output_dir", "train.steps", "train.stop_after", "train.progress", "train.log_every", "train.save_every",
-    "train.keep_checkpoints",
+    "train.keep_checkpoints", "train.report_to",
 )
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from pydantic import BaseModel, PlainSerializer, PlainValidator, ValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -77,6 +77,12 @@ def explain(error: ErrorDetails, model: type[BaseModel]) -> str:
         return error["msg"]
     if error["type"] == "extra_forbidden":
         field_name = str(error["loc"][-1])
+        for key in error["loc"][:-1]:  # an unknown key of a nested model (policy.lora.rank): that model's keys
+            inner = model.model_fields.get(str(key))
+            nested = [a for a in (inner.annotation, *get_args(inner.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)] if inner else []
+            if not nested:
+                break
+            model = nested[0]
         close = difflib.get_close_matches(field_name, list(model.model_fields), n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         return f"unknown key {field_name!r}.{hint} Valid keys: {', '.join(model.model_fields)}."

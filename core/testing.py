@@ -386,7 +386,8 @@ def _check_weight_files(policy: Policy, directory: Path, what: str) -> None:
     saved = {k: v.detach().clone() for k, v in policy.module.state_dict().items()}
     with torch.no_grad():
         for p in policy.module.parameters():
-            p.add_(1.0)
+            if p.requires_grad:  # the weights a policy trains (and saves): a LoRA policy's frozen base is not among them
+                p.add_(1.0)
     perturbed = policy.module.state_dict()
     assert any(not torch.equal(saved[k], perturbed[k]) for k in saved), f"{what}: has no weights to perturb"
     policy.load_weights(str(file))

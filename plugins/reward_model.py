@@ -30,15 +30,21 @@ Pairwise classifier (InstructGPT, arXiv:2203.02155, Eq. 1), a scalar head r(x, y
 Regression value network (`reward-regression`): the same architecture trained on scalar
 ratings (task kind `rewarded`) with L = E (r(x, y) - rating)^2.
 
-Both write a policy directory with the scalar head (`value_head.safetensors`, see
-`reward_heads`), read by the `reward-model` source. The `reward-model` stage is the task's
+The head has no bias (held at zero: `reward_heads.setup_reward_head`), as transformers'
+sequence-classification `score` layer has none: a constant offset does not change Bradley-Terry
+preferences (r_w - r_l), and a regression model fits the ratings' mean through its last hidden
+state. Both write the policy directory as transformers' `AutoModelForSequenceClassification`
+(`num_labels=1`: the trunk and its `score` head, with the tokenizer), which scores exactly as
+training did; the `reward-model` source reads it, and any other such model (TRL, OpenRLHF with a
+`score` head, downloaded). The `reward-model` stage is the task's
 default reward model, trained once per cache from its SFT policy; the source reads it with
 `path: auto`. Evaluation (in the run's summary.json, see `reward_eval`): held-out pairwise
 accuracy, BT log-loss, calibration (ECE of sigma(r_w - r_l)), mean within-prompt reward std.
 
 Architecture choice: an RM objective sets `needs_value_head`, so with the plain `hf` policy the
-trainer adds the scalar head; no separate reward-model policy class is needed, and the saved
-directory is an ordinary `hf` policy that also loads as a reward model.
+trainer adds the scalar head (read through the policy's possibly DDP-wrapped model); no separate
+reward-model policy class is needed. Its `setup` attaches the exporter whose `save` rewrites the
+final policy directory in the Hugging Face format.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfi
 from rlhfzoo.ops import RunningMoments
 from rlhfzoo.plugins._preference import concat, identical
 from rlhfzoo.plugins.reward_eval import evaluate_reward_model
-from rlhfzoo.plugins.reward_heads import RewardModel, reward_model_problem, sequence_rewards
+from rlhfzoo.plugins.reward_heads import RewardModel, reward_model_problem, sequence_rewards, setup_reward_head
 from rlhfzoo.stages import TrainingStage
 
 Utility = Literal["none", "log-sigmoid", "power", "neg-power"]
@@ -168,6 +174,9 @@ class BradleyTerry(Objective):
     def example_kind(self) -> str:
         return self.config.examples
 
+    def setup(self, policy, task) -> None:
+        setup_reward_head(policy)  # a bias-free head; the policy directory saved as a sequence classifier
+
     def prepare(self, data, collate, reference) -> None:
         if self.config.ranking_weight:
             self.row_weight = ranking_weights([getattr(e, "group", None) for e in data])
@@ -214,6 +223,9 @@ class RewardRegression(Objective):
     class Config(PluginConfig):
         eval_examples: int = Field(2000, ge=1, description="Held-out rated examples (and pairs, where the task has them) scored at the end.")
 
+    def setup(self, policy, task) -> None:
+        setup_reward_head(policy)  # a bias-free head; the policy directory saved as a sequence classifier
+
     def loss(self, batch, policy, reference=None) -> LossOutput:
         seq = batch.sequences
         r = sequence_rewards(policy, seq.input_ids, seq.attention_mask)
@@ -236,13 +248,16 @@ class RewardRegression(Objective):
 class RewardModelSourceConfig(PluginConfig):
     path: str = Field(
         "auto",
-        description="Directory written by reward-model training (a run's `policy/`), or `auto`: the task's "
+        description="A directory that transformers' AutoModelForSequenceClassification loads with num_labels=1 (a "
+        "run of bradley-terry or reward-regression writes its `policy/` so; a TRL RewardTrainer output; a downloaded "
+        "reward model), scored with its own tokenizer and chat template; or `auto`: the task's "
         "`reward-model` stage (`rlhfzoo stage reward-model` builds it, and so do `rlhfzoo train` and `rlhfzoo bench` "
         "before they start).",
     )
     batch_size: int = Field(64, ge=1, description="Sequences per forward pass.")
     max_length: int | None = Field(
-        None, ge=4, description="Longest prompt + response in the RM's tokens; longer ones are truncated and counted (null: as trained)."
+        None, ge=4, description="Longest prompt + response in the RM's tokens; longer ones are truncated and counted (null: as trained, else the "
+        "model's context); never past the model's context."
     )
     normalize: Literal["none", "running", "fixed"] = Field(
         "none",
@@ -265,7 +280,7 @@ class RewardModelSourceConfig(PluginConfig):
 
 class RewardModelSource(RewardSource):
     name = "reward-model"
-    summary = "A trained reward model (scalar head on a causal LM) with its own tokenizer; optional normalisation and clipping."
+    summary = "A reward model in the Hugging Face format (AutoModelForSequenceClassification, one label) with its own tokenizer and chat template; optional normalisation and clipping."
     paper = "Ouyang et al. 2022, arXiv:2203.02155"
     Config = RewardModelSourceConfig
 

@@ -28,10 +28,9 @@ def blocks(language: str) -> list[str]:
 def user_files(tmp_path, monkeypatch):
     """A working directory holding what the examples name: a tiny Llama with a chat template and
     a data file of each format."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from rlhfzoo.data.tokenizer import train_bpe_tokenizer
-    from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 
     monkeypatch.chdir(tmp_path)
     tok = train_bpe_tokenizer([f"{i}+2? {i + 2} {i + 3}" for i in range(40)], vocab_size=300, chat=True)
@@ -41,8 +40,9 @@ def user_files(tmp_path, monkeypatch):
     for directory in ("models/my-llama", "runs/my-sft/policy"):
         LlamaForCausalLM(config).save_pretrained(directory)
         tok.save_pretrained(directory)
-    reward_model = HFPolicy(HFPolicyConfig(value_head=True), model=LlamaForCausalLM(config), tokenizer=tok)
-    reward_model.save("runs/my-rm/policy")  # what bradley-terry writes: a causal LM with its scalar head
+    reward_model = LlamaForSequenceClassification(config.__class__(**{**config.to_dict(), "num_labels": 1}))
+    reward_model.save_pretrained("runs/my-rm/policy")  # what bradley-terry (and TRL's RewardTrainer) write
+    tok.save_pretrained("runs/my-rm/policy")
     Path("data").mkdir()
     user, bot = ({"role": r, "content": "hi"} for r in ("user", "assistant"))
     datasets.Dataset.from_list([{"messages": [user, bot]}]).to_json("data/chat.jsonl")

@@ -39,6 +39,10 @@ def test_show_lists_every_config_field():
 
     for fname, f in HFPolicyConfig.model_fields.items():
         assert f"    {fname} = " in r.stdout and f.description in r.stdout
+    from rlhfzoo.lora import LoraOptions
+
+    for fname, f in LoraOptions.model_fields.items():  # a nested options model's fields, by their dotted names
+        assert f"    lora.{fname} = " in r.stdout and f.description in r.stdout
 
 
 @pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier

@@ -224,3 +224,10 @@ def test_nested_sections_in_a_run_config_are_reported_at_their_full_path():
         load_config(data=data, require=("task",))
     assert [p for p, _ in e.value.errors] == ["policy.base.base.n_layr"]
     assert "Did you mean 'n_layer'?" in str(e.value)
+
+
+def test_unknown_key_of_a_nested_options_model_lists_that_models_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(data={"task": {"name": "sentiment"}, "algorithm": {"name": "sft"}, "output_dir": "out",
+                          "policy": {"name": "hf", "init": "scratch", "lora": {"rank": 4, "merge_on_save": True}}})
+    assert "policy.lora.rank: unknown key 'rank'. Valid keys: r, lora_alpha, lora_dropout, target_modules, merge_on_save." in str(e.value)

@@ -381,3 +381,107 @@ def test_the_trainer_checkpoints_a_third_party_policy(tmp_path):
     trainer.load_checkpoint(ckpt)
     assert torch.equal(policy.model.weight, saved)
     assert policy.counters == {"train_tokens": 5}
+
+
+# ------------------------------------------------------------------------------ dropout and model options
+
+PAIRS = [{"prompt": f"The {a} is", "chosen": f" kind to the {b}.", "rejected": f" rude to the {b}!"} for a in ("cat", "dog", "owl", "fox") for b in ("ant", "bat")]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from rlhfzoo.data.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([t for r in PAIRS for t in r.values()], vocab_size=300)
+
+
+def gpt2_with_dropout(tok):
+    """GPT-2 as on the hub: dropout 0.1 on embeddings, attention and residuals (GPT2Config's defaults)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, **ids))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(bpe, tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(bpe), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, attention_dropout=0.1, bos_token_id=bpe.bos_token_id, eos_token_id=bpe.eos_token_id,
+        pad_token_id=bpe.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    bpe.save_pretrained(path)
+    return str(path)
+
+
+def test_dropout_is_off_by_default_so_dpo_starts_at_h_zero(bpe, tmp_path):
+    import json
+    import math
+
+    import rlhfzoo
+
+    first_loss = {}
+    for dropout in (False, True):
+        model = gpt2_with_dropout(bpe)
+        assert model.config.resid_pdrop == 0.1
+        rlhfzoo.train(
+            {"algorithm": {"name": "dpo"}, "policy": {"dropout": dropout, "max_new_tokens": 4},
+             "train": {"steps": 1, "batch_size": 4, "lr": 1e-2, "eval_prompts": 0, "progress": False}},
+            model=model, tokenizer=bpe, train_dataset=PAIRS, output_dir=tmp_path / str(dropout),
+        )
+        first_loss[dropout] = json.loads((tmp_path / str(dropout) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        probabilities = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert probabilities == ({0.1} if dropout else {0.0})
+        assert json.loads((tmp_path / str(dropout) / "policy" / "config.json").read_text())["resid_pdrop"] == 0.1  # saved as loaded
+    assert first_loss[False] == pytest.approx(math.log(2), abs=1e-6)  # policy (train mode) == reference (eval mode)
+    assert abs(first_loss[True] - math.log(2)) > 1e-3  # dropout in the policy's forward only: h != 0
+
+
+def test_dropout_off_reaches_attention_that_reads_a_float(llama_dir):
+    """Llama's attention keeps `attention_dropout` as a float, not a Dropout module."""
+    policy = HFPolicy(HFPolicyConfig(init=llama_dir, max_new_tokens=4))
+    attention = [m for m in policy.module.lm.modules() if hasattr(m, "attention_dropout")]
+    assert len(attention) == 2 and all(m.attention_dropout == 0.0 for m in attention)
+    assert policy.module.lm.config.attention_dropout == 0.0
+    kept = HFPolicy(HFPolicyConfig(init=llama_dir, max_new_tokens=4, dropout=True))
+    assert {m.attention_dropout for m in kept.module.lm.modules() if hasattr(m, "attention_dropout")} == {0.1}
+
+
+def test_model_options_reach_the_transformers_model(llama_dir, task):
+    policy = HFPolicy(HFPolicyConfig(init=llama_dir, max_new_tokens=4, gradient_checkpointing=True, dtype="bfloat16", attn_implementation="eager"))
+    lm = policy.module.lm
+    assert lm.model.gradient_checkpointing and lm.config._attn_implementation == "eager"
+    assert {p.dtype for p in lm.parameters()} == {torch.bfloat16}
+    rollout = policy.generate(["The cat is"])  # generation runs with a cache, in eval mode
+    assert rollout.response_mask.sum() > 0 and torch.isfinite(rollout.logprobs).all()
+    default = HFPolicy(HFPolicyConfig(init=llama_dir, max_new_tokens=4))
+    assert not default.module.lm.model.gradient_checkpointing and default.module.lm.config._attn_implementation == "sdpa"
+    assert {p.dtype for p in default.module.lm.parameters()} == {torch.float32}  # auto: the checkpoint's own
+    scratch = HFPolicy(HFPolicyConfig(**TINY, arch="llama", dtype="bfloat16", attn_implementation="eager"), task=task)
+    assert {p.dtype for p in scratch.module.lm.parameters()} == {torch.bfloat16}
+    assert scratch.module.lm.config._attn_implementation == "eager"
+    assert "unknown attention 'sdp'; did you mean 'sdpa'?" in config_error(attn_implementation="sdp")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(llama_dir):
+    def gradients(checkpointing: bool):
+        policy = HFPolicy(HFPolicyConfig(init=llama_dir, max_new_tokens=4, gradient_checkpointing=checkpointing))
+        policy.module.train()
+        ids, attn = batch(policy)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = (policy.logprobs(ids, attn) * attn[:, 1:]).sum()
+        loss.backward()
+        return {n: p.grad for n, p in policy.module.named_parameters()}, len(saved)
+
+    plain, saved_plain = gradients(False)
+    checkpointed, saved_checkpointed = gradients(True)
+    assert saved_checkpointed < saved_plain / 2  # the layers' activations are recomputed, not kept
+    for name, grad in plain.items():
+        assert torch.allclose(checkpointed[name], grad, atol=1e-5, rtol=0), name

@@ -125,6 +125,10 @@ def tiny(task):
 def test_last_token_index_left_and_right_padding():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0]])
     assert last_token_index(mask).tolist() == [2, 4, 0]
+    # transformers' rule beside the mask: not the pad id either (here 9, the EOS when the tokenizer pads with it)
+    ids = torch.tensor([[5, 6, 9, 9, 9], [9, 9, 7, 9, 9], [9, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 0], [1, 0, 0, 0, 0]])
+    assert last_token_index(mask, ids, pad_token_id=9).tolist() == [1, 2, 0]
 
 
 def test_reward_reads_the_last_real_token_only(task, tiny):
@@ -237,7 +241,9 @@ def rm_dir(tmp_path_factory):
 
 def test_run_writes_a_reward_model_and_its_evaluation(rm_dir):
     out, summary = rm_dir
-    assert (out / "policy" / "value_head.safetensors").is_file()
+    config = json.loads((out / "policy" / "config.json").read_text())  # the Hugging Face format, no separate head file
+    assert config["architectures"] == ["GPT2ForSequenceClassification"] and len(config["id2label"]) == 1
+    assert not (out / "policy" / "value_head.safetensors").exists()
     on_disk = json.loads((out / "summary.json").read_text())["eval"]
     for key in ("accuracy", "bt_loss", "ece", "within_prompt_std", "reward_std", "gold_accuracy", "gold_spearman"):
         assert key in on_disk and math.isfinite(on_disk[key]), key
@@ -307,7 +313,7 @@ def test_nan_from_the_model_raises(rm_dir):
     out, _ = rm_dir
     source = RewardModelSource(RewardModelSource.Config(path=str(out / "policy")))
     with torch.no_grad():
-        source.model.policy.module.value_head.bias.fill_(float("nan"))
+        source.model.module.score.weight.fill_(float("nan"))
     with pytest.raises(RewardModelError, match="non-finite"):
         source.score(["drama review : the plot was"], ["good ."])
 
