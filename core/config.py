@@ -34,6 +34,7 @@ from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import PluginConfig
 from rlhfzoo.registry import DEFAULTS, Entry
 from rlhfzoo.sections import SectionError, explain, find_plugin
+from rlhfzoo.tracking import TRACKERS
 
 
 class ConfigError(UserError):
@@ -82,6 +83,11 @@ class TrainConfig(PluginConfig):
         None, ge=1,
         description="CPU intra-op threads of this run (torch.set_num_threads; null: torch's default, one per core). "
         "Small models often train as fast on 1, and much faster when other processes share the cores.",
+    )
+    report_to: list[Literal[tuple(TRACKERS)]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Experiment trackers through accelerate, beside metrics.jsonl, with the run config logged: "
+        + ", ".join(TRACKERS) + " (their files under OUTPUT_DIR/trackers; each needs its package installed).",
     )
 
 

@@ -63,3 +63,13 @@ def evaluate(
     out["finished_rate"] = torch.cat([ro.finished for ro in rollouts]).float().mean().item()
     out.update(task.response_metrics(prompts, responses))
     return out
+
+
+def final_evaluation(
+    objective: Any, policy: Policy, task: Task, reward: RewardSource | None, reference: Policy | None, n_prompts: int,
+    seed: int = 0, output_dir: str | None = None,
+) -> dict[str, float]:
+    """The figures of a finished run: the objective's own evaluation (`Objective.evaluate`), or where
+    it has none (None) the default one above."""
+    own = objective.evaluate(policy, task, reward=reward, seed=seed, n_prompts=n_prompts, reference=reference, output_dir=output_dir)
+    return own if own is not None else evaluate(policy, task, reward, reference, n_prompts, seed=seed)

@@ -310,7 +310,8 @@ class Objective(Plugin, ABC):
 
     def after_step(self, metrics: dict[str, float]) -> dict[str, float]:
         """Called after every optimizer step, offline and online, with that step's metrics (each
-        averaged over the step's micro-batches, on this process); returns extra metrics, logged
+        averaged over the step's micro-batches and processes, so every process decides alike, e.g.
+        to stop early); returns extra metrics, logged
         with the step's (online: averaged over the iteration's steps)."""
         return {}
 

@@ -1,5 +1,5 @@
 """Tensor helpers shared by the plugins: masked statistics, the SFT loss, GAE, KL controllers,
-running moments.
+running moments, and the few reductions across processes that keep them the same on every process.
 
 Masks are 0/1 tensors the shape of the data; a masked-out entry never contributes to a statistic
 and comes out as 0 of `gae`. Sequences may be left-padded (prompts) and right-padded (responses),
@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from rlhfzoo.data.types import Batch
+
 
 # ------------------------------------------------------------------------------ masked statistics
 
@@ -29,9 +31,11 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
     return apply_mask(x, mask).sum() if dim is None else apply_mask(x, mask).sum(dim)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, count: Any = None) -> torch.Tensor:
     """Mean of `x` over the entries where `mask` is 1 (over `dim`, or everything); 0 where none are,
-    still attached to `x`'s graph (a loss over an all-masked batch backpropagates zeros).
+    still attached to `x`'s graph (a loss over an all-masked batch backpropagates zeros). `count`
+    replaces the number of masked entries as the divisor (e.g. `step_denominator`, so that the
+    micro-batch losses of an optimizer step average to the token mean of the whole step).
 
     Entries off the mask are dropped by a `where`, not multiplied by 0, so a NaN or inf there never
     reaches the mean. On finite inputs this is the product form `(x * mask).sum() / n` bit for bit
@@ -39,6 +43,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     and metrics over their valid rows) and the SFT loss were written with.
     """
     mask = mask.to(x.dtype)
+    if count is not None:
+        return masked_sum(x, mask, dim) / count
     if dim is None:
         return apply_mask(x, mask).sum() / mask.sum().clamp(min=1)
     return apply_mask(x, mask).sum(dim) / mask.sum(dim).clamp(min=1)
@@ -55,8 +61,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (mean added back if not `shift_mean`); 0 off the mask."""
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, across_processes: bool = False
+) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (mean added back if not `shift_mean`); 0 off the mask.
+    `across_processes`: the mean and variance of every process's entries (each process passes its own)."""
+    if across_processes and distributed():
+        return _whiten_across_processes(x, mask, shift_mean, eps)
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -64,15 +75,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return apply_mask(whitened, mask)
 
 
-def response_nll(logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def response_nll(logprobs: torch.Tensor, response_mask: torch.Tensor, count: Any = None) -> torch.Tensor:
     """The SFT loss: mean negative log-likelihood of the response tokens of a micro-batch,
 
         L = - (1 / |y|) sum_t log pi(y_t | x, y_<t)        (token mean over the whole micro-batch)
 
     `logprobs` [B, T-1] as `Policy.logprobs` returns them (entry t is about token t+1) and
     `response_mask` [B, T] as the batch holds it (shifted here); 0 for a batch without response tokens.
+    `count` replaces |y| as the divisor (see `step_denominator`).
     """
-    return -masked_mean(logprobs, response_mask[:, 1:])
+    return -masked_mean(logprobs, response_mask[:, 1:], count=count)
 
 
 # ------------------------------------------------------------------------------ advantages
@@ -202,3 +214,103 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+# ------------------------------------------------------------------------------ across micro-batches and processes
+
+# Set by the trainer in every micro-batch's `Batch.extra` before the backward passes of an optimizer step.
+TOKENS_IN_STEP = "tokens_in_step"  # response tokens (response_mask[:, 1:]) of the whole step, all processes
+LOSSES_IN_STEP = "losses_in_step"  # micro-batch losses the step averages: micro-batches x processes
+
+
+def step_denominator(batch: Any, count: Any) -> Any:
+    """What a token mean over `batch`'s response tokens divides its sum by: `count`, the batch's own
+    token count (clamped at 1: a plain mean), or, where the trainer set the step's totals in
+    `batch.extra`, tokens_in_step / losses_in_step. The trainer averages the micro-batch losses of a
+    step (and DDP the processes'), so these then add up to sum / tokens_in_step: every token of the
+    step weighs the same, however the step is split into micro-batches and processes."""
+    extra = getattr(batch, "extra", None) or {}
+    if TOKENS_IN_STEP not in extra:
+        return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+    return max(float(extra[TOKENS_IN_STEP]), 1.0) / extra[LOSSES_IN_STEP]
+
+
+def set_step_tokens(batches: list[Any], device: Any = None) -> None:
+    """Write the step's totals into every micro-batch of an optimizer step (the trainer calls this
+    before the backward passes): TOKENS_IN_STEP, the response tokens of all its micro-batches on all
+    processes, and LOSSES_IN_STEP, micro-batches x processes. Items that are not `Batch`es (an
+    objective's own types) are left alone. `device`: where the count is reduced (the backend's)."""
+    batches = [b for b in batches if isinstance(b, Batch)]
+    if not batches:
+        return
+    local = torch.tensor([float(sum(b.sequences.response_mask[:, 1:].sum().item() for b in batches))], dtype=torch.float64, device=device)
+    world = torch.distributed.get_world_size() if distributed() else 1
+    total = all_sum(local).item()
+    for b in batches:
+        b.extra[TOKENS_IN_STEP], b.extra[LOSSES_IN_STEP] = total, len(batches) * world
+
+
+def distributed() -> bool:
+    """Whether torch.distributed runs (several processes); every helper below is the identity without it."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over the processes (a new tensor, no gradient); `x` itself in one process."""
+    if not distributed():
+        return x
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
+    return x
+
+
+def all_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's `x` (same shape on each), concatenated along dim 0 in rank order; `x` in one process."""
+    if not distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+def across_processes(values: dict[str, float], summed: tuple[str, ...] = (), device: Any = None) -> dict[str, float]:
+    """`values` averaged over the processes (summed for the keys in `summed`), the same on each."""
+    if not distributed() or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = all_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device))
+    n = torch.distributed.get_world_size()
+    return {k: v if k in summed else v / n for k, v in zip(keys, t.tolist())}
+
+
+def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_mean` over the masked entries of every process (each passes its own); no gradient."""
+    mask = mask.to(x.dtype)
+    return all_sum(masked_sum(x.detach(), mask)) / all_sum(mask.sum()).clamp(min=1)
+
+
+def _whiten_across_processes(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    n = all_sum(mask.sum())
+    mean = all_sum(masked_sum(x, mask)) / n.clamp(min=1)
+    var = all_sum((apply_mask(x - mean, mask) ** 2).sum()) / n.clamp(min=1) * n / (n - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return apply_mask(whitened if shift_mean else whitened + mean, mask)
+
+
+def average_gradients(params: Any) -> None:
+    """Average the `.grad` of `params` over the processes in place, one all-reduce per dtype and
+    device (for a loss computed outside the DDP wrapper, whose gradients DDP never saw)."""
+    if not distributed():
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    n = torch.distributed.get_world_size()
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= n
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))

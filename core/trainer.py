@@ -10,8 +10,10 @@ in `rlhfzoo.interfaces.Objective`.
 
 One `Trainer` runs both. It runs unchanged under `accelerate launch` / `torchrun`: the global
 batch of each step (`train.batch_size` examples) is cut into equal slices per process and then
-into `train.grad_accum` micro-batches, so N processes x 1 micro-batch compute the same update
-as 1 process x N micro-batches.
+into `train.grad_accum` micro-batches, and token-level losses are normalised by the response tokens
+of the whole step (`rlhfzoo.ops.step_denominator`), so the update does not depend on the split: N
+processes x M micro-batches compute that of 1 process x 1 micro-batch. Only the main process
+evaluates, on the bare module (a forward through the DDP wrapper is a collective).
 
 Run directory (`output_dir`, see rlhfzoo.run_dir):
     config.yaml          the resolved config
@@ -29,71 +31,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from rlhfzoo import artifacts, checkpoint, run_dir, stages
+from rlhfzoo import artifacts, checkpoint, run_dir, stages, tracking
 from rlhfzoo.checkpoint import latest_checkpoint  # noqa: F401  (part of this module's API)
 from rlhfzoo.config import RunConfig
 from rlhfzoo.counting_reward import CountingReward
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import Batch, Objective, Policy, RewardSource, Task
+from rlhfzoo.ops import average_gradients, set_step_tokens
+from rlhfzoo.schedule import global_batch, lr_factor, peak_rss_mb, seed_everything  # noqa: F401  (part of this module's API)
 from rlhfzoo.training_errors import NonFiniteError, TrainingError  # noqa: F401  (re-exported)
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def global_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Row indices of the examples of optimizer step `step` (0-based): a deterministic function of
-    the step, so a resumed run sees exactly the batches the uninterrupted one would have."""
-    rows: list[int] = []
-    start = step * batch_size
-    while len(rows) < batch_size:
-        epoch, offset = divmod(start + len(rows), n)
-        order = epoch_order(n, epoch, seed)
-        rows.extend(order[offset : offset + batch_size - len(rows)])
-    return rows
-
-
-def lr_factor(train) -> Any:
-    """Multiplier of the peak learning rate at optimizer step s: linear warm-up, then the schedule."""
-
-    def factor(s: int) -> float:
-        if s < train.warmup_steps:
-            return (s + 1) / train.warmup_steps
-        if train.lr_schedule == "cosine":
-            progress = min(1.0, (s - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return factor
-
-
-def peak_rss_mb() -> float:
-    """High-water resident memory of this process so far, in MiB (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -117,7 +72,10 @@ class Trainer:
                 "train.mixed_precision=fp16 needs a CUDA GPU and this machine has none (on CPU it would silently "
                 "train in fp32); set train.mixed_precision to bf16 or no"
             )
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+            **tracking.accelerator_options(cfg.train.report_to, cfg.output_dir),
+        )
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         per_rank, rem = divmod(self.train.batch_size, self.world * self.train.grad_accum)
@@ -150,8 +108,11 @@ class Trainer:
         self.collator = Collator(self.policy.tokenizer, max_length=getattr(self.policy.config, "max_length", 128))
         self.data = self._load_data()
         self.objective.setup(self.policy, self.task)
-        self.objective.prepare(self.data, self.collator, self.reference)
-        if not self.objective.reference_needed_in_training() and policy is None:
+        # The reference log-probs cached here are then computed as the loss's, under mixed precision too.
+        with self.accelerator.autocast():
+            self.objective.prepare(self.data, self.collator, self.reference)
+        shares_weights = self.reference is not None and self.reference.module is self.policy.module  # LoRA: adapter off
+        if not self.objective.reference_needed_in_training() and policy is None and not shares_weights:
             # E.g. its log-probs are cached: free the second model (evaluation rebuilds it from the
             # config; a given policy's initial weights are in the reference only).
             self.reference = None
@@ -162,6 +123,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.train))
         self.policy.model, self.optimizer = self.accelerator.prepare(self.policy.model, self.optimizer)
+        self.ddp = isinstance(self.policy.model, torch.nn.parallel.DistributedDataParallel)
+        self.wrapped_forward = False
+        if self.ddp:
+            self.policy.model.register_forward_pre_hook(self._note_forward)
+        if self.world > 1:  # the same seed everywhere would draw correlated rollouts on the processes
+            seed_everything(self.train.seed + 1_000_003 * self.rank)
         self.step = 0
 
     # -------------------------------------------------------------------------------- data
@@ -186,12 +153,18 @@ class Trainer:
         return [self.collator([(i, self.data[i]) for i in rows[k : k + m]]) for k in range(0, len(rows), m)]
 
     # -------------------------------------------------------------------------------- steps
-    def _backward_and_step(self, batches: list[Any], step: int) -> dict[str, float]:
+    def backward(self, batches: list[Any], step: int = 0) -> dict[str, float]:
+        """The backward passes of one optimizer step over its micro-batches on this process: the
+        gradient of the step's loss accumulated into `.grad`, the same on every process, whatever the
+        split into micro-batches and processes (`ops.set_step_tokens`). Returns the micro-batches'
+        metrics, averaged over them and over the processes."""
         model = self.policy.model
+        set_step_tokens(batches, self.accelerator.device)
         sums: dict[str, float] = {}
         for k, batch in enumerate(batches):
             last = k == len(batches) - 1
             ctx = nullcontext() if last or self.world == 1 else self.accelerator.no_sync(model)
+            self.wrapped_forward = False
             with ctx, self.accelerator.autocast():
                 out = self.objective.loss(batch.to(self.accelerator.device), self.policy, self.reference)
             if not torch.isfinite(out.loss):
@@ -207,6 +180,20 @@ class Trainer:
                     continue
                 sums[key] = sums.get(key, 0.0) + float(v) / len(batches)
             sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / len(batches)
+        if self.ddp and not self.wrapped_forward:
+            # The loss bypassed the DDP wrapper (ILQL computes on the bare module): DDP did not
+            # average the gradients, so average them here.
+            average_gradients(self.policy.parameters())
+        return self._reduce(sums)  # the same figures on every process, for `after_step` to decide on
+
+    def _note_forward(self, module: Any, args: Any) -> None:
+        """Forward pre-hook of the DDP-wrapped model: whether the current loss went through it."""
+        if torch.is_grad_enabled():
+            self.wrapped_forward = True
+
+    def _backward_and_step(self, batches: list[Any], step: int) -> dict[str, float]:
+        model = self.policy.model
+        sums = self.backward(batches, step)
         if self.train.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_(model.parameters(), self.train.max_grad_norm)
             norm = float(norm)
@@ -233,7 +220,8 @@ class Trainer:
         k = self.objective.samples_per_prompt()
         prompts = [self.data[i] for i in self._rows_of_step(step) for _ in range(k)]
         self.policy.model.eval()
-        rollout = self.policy.generate(prompts)
+        with self.accelerator.autocast():  # rollout and experience log-probs computed as the loss's are
+            rollout = self.policy.generate(prompts)
         rewards = self.reward.score(rollout.prompts, rollout.responses).float()
         if not torch.isfinite(rewards).all():
             bad = [i for i, r in enumerate(rewards.tolist()) if not math.isfinite(r)]
@@ -242,7 +230,8 @@ class Trainer:
                 f"for responses {bad[:5]} (e.g. {rollout.responses[bad[0]]!r}); the last good checkpoint is kept"
             )
         self.policy.model.train()
-        experience = self.objective.make_experience(rollout, rewards, self.policy, self.reference)
+        with self.accelerator.autocast():
+            experience = self.objective.make_experience(rollout, rewards, self.policy, self.reference)
         metrics: dict[str, float] = {"reward": rewards.mean().item()}
         n = 0
         for minibatch_group in self.objective.minibatches(experience, self.policy):
@@ -364,6 +353,7 @@ class Trainer:
         self.prepare_output(resume, overwrite)
         acc, tr = self.accelerator, self.train
         log = run_dir.MetricsLog(self.out, acc.is_main_process)
+        tracking.start(acc, tr.report_to, self.cfg.to_dict(), self.out)
         stop_at = tr.steps if tr.stop_after is None else min(tr.steps, self.step + tr.stop_after)
         bar = tqdm(total=tr.steps, initial=self.step, disable=not (tr.progress and acc.is_main_process), desc=self.cfg.algorithm.entry.name)
         self.policy.model.train()
@@ -377,16 +367,26 @@ class Trainer:
             if self.step % tr.log_every == 0 or self.step == tr.steps or any(k.startswith("eval/") for k in metrics):
                 row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **metrics}
                 log.write(row)
+                if tr.report_to:
+                    acc.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "reward", "kl", "accuracy")})
             if tr.save_every and self.step % tr.save_every == 0 and self.step < tr.steps:
                 self.save_checkpoint()
             bar.update(1)
         bar.close()
         seconds = time.time() - start
-        if self.step < tr.steps:  # stopped early on purpose: leave a checkpoint to resume from
-            self.save_checkpoint()
-            return {"finished": False, "step": self.step}
-        return self.finish(seconds)
+        try:
+            if self.step < tr.steps:  # stopped early on purpose: leave a checkpoint to resume from
+                self.save_checkpoint()
+                return {"finished": False, "step": self.step}
+            summary = self.finish(seconds)
+            if tr.report_to:  # the end-of-run evaluation's figures, beside the curves
+                final = {f"final/{k}": v for k, v in summary.get("eval", {}).items() if isinstance(v, (int, float))}
+                acc.log(final, step=self.step)
+            return summary
+        finally:
+            if tr.report_to:
+                acc.end_training()
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
@@ -401,40 +401,46 @@ class Trainer:
             self.reference = self.cfg.policy.create(task=self.task).frozen_copy()
         return self.reference
 
+    @contextmanager
+    def evaluating(self):
+        """The policy in eval mode with `policy.model` the bare module, for the main process's
+        evaluations: a forward through the DDP wrapper is a collective (it broadcasts buffers, e.g.
+        Llama's rotary frequencies) that the other processes, not evaluating, would never join.
+        Under mixed precision, as in training (the reference's log-probs too)."""
+        wrapped = self.policy.model
+        self.policy.model = self.accelerator.unwrap_model(wrapped)
+        self.policy.model.eval()
+        try:
+            with self.accelerator.autocast():
+                yield
+        finally:
+            self.policy.model = wrapped
+            wrapped.train()
+
     def periodic_eval(self) -> dict[str, float]:
         """Held-out figures during training (for learning curves), logged as `eval/...`."""
         from rlhfzoo.evaluation import evaluate
 
         if not self.accelerator.is_main_process or not self.train.eval_prompts:
             return {}
-        self.policy.model.eval()
         n = min(self.train.eval_prompts, 64)
-        figures = evaluate(self.policy, self.task, self.reward, self.reference_for_eval(), n, seed=self.train.seed)
-        self.policy.model.train()
+        with self.evaluating():
+            figures = evaluate(self.policy, self.task, self.reward, self.reference_for_eval(), n, seed=self.train.seed)
         return {f"eval/{k}": v for k, v in figures.items() if k in ("gold", "proxy", "kl")}
 
     def finish(self, seconds: float) -> dict[str, Any]:
-        from rlhfzoo.evaluation import evaluate
+        from rlhfzoo.evaluation import final_evaluation
 
         acc = self.accelerator
         acc.wait_for_everyone()
         summary: dict[str, Any] = {"finished": True, "step": self.step, "train_seconds": seconds}
         if acc.is_main_process:
-            self.policy.model.eval()
-            own = (
-                self.objective.evaluate(
-                    self.policy, self.task, reward=self.reward, seed=self.train.seed, n_prompts=self.train.eval_prompts,
-                    reference=self.reference_for_eval(), output_dir=str(self.out),
-                )
-                if self.train.eval_prompts
-                else None
-            )
-            if own is not None:
-                summary["eval"] = own
-            elif self.train.eval_prompts:
-                summary["eval"] = evaluate(
-                    self.policy, self.task, self.reward, self.reference_for_eval(), self.train.eval_prompts, seed=self.train.seed
-                )
+            if self.train.eval_prompts:
+                with self.evaluating():
+                    summary["eval"] = final_evaluation(
+                        self.objective, self.policy, self.task, self.reward, self.reference_for_eval(), self.train.eval_prompts,
+                        seed=self.train.seed, output_dir=str(self.out),
+                    )
             summary["peak_rss_mb"] = peak_rss_mb()
             summary["counters"] = dict(self.policy.counters)
             summary["reward_source"] = self.reward.metrics() if self.reward is not None else {}

@@ -55,11 +55,12 @@ class A2C(ActorCriticObjective):
         out = self.forward(batch, policy, entropy=True)
         logprobs = out["logprobs"]
 
-        pg = -masked_mean(adv * logprobs, mask)  # policy gradient with the (detached) advantages
+        n = self.tokens(batch)  # token means over the whole optimizer step
+        pg = -masked_mean(adv * logprobs, mask, count=n)  # policy gradient with the (detached) advantages
         vf, vmetrics = self.value_loss(out["values"], batch, c.value_clip)
         extra, emetrics = self.extra_terms(batch, logprobs, out["entropy"], policy)
         loss = pg + c.vf_coef * vf + extra
-        approx_kl = masked_mean(x["old_logprobs"] - logprobs, mask).item()  # ~0: on-policy
+        approx_kl = masked_mean(x["old_logprobs"] - logprobs, mask, count=n).item()  # ~0: on-policy
         return LossOutput(loss, {"pg_loss": pg.item(), "approx_kl": approx_kl, **vmetrics, **emetrics})
 
 

@@ -9,6 +9,11 @@ rewards, values, advantages and returns, and the minibatches the losses see.
                or  r_t = s on the last token only, beta KL in the loss    (GopherCite, arXiv:2203.11147)
       -> GAE advantages and returns (`rlhfzoo.ops.gae`), advantages whitened over the batch
 
+Under several processes every statistic that steers training is taken over all of them, so that
+they stay the same everywhere: the running reward statistics see every process's scores, the
+advantages are whitened with the mean and variance of every process's tokens, and the experience
+figures (the KL the adaptive controller and `max_kl` read, the sample counts) are averaged or summed.
+
 Scores may first be penalised for responses cut at the length limit without EOS (counted),
 normalised by a running mean/std and clipped. An optional pretraining mix (PPO-ptx, arXiv:2203.02155
 Eq. 2) adds `ptx_coef` x the NLL of the task's demonstrations to the loss.
@@ -28,7 +33,10 @@ from pydantic import Field, model_validator
 
 from rlhfzoo import kernels
 from rlhfzoo.interfaces import Batch, Objective, PluginConfig, Policy, Rollout, SequenceBatch
-from rlhfzoo.ops import FixedKLController, RunningMoments, apply_mask, gae, last_index, masked_mean, masked_whiten, response_nll
+from rlhfzoo.ops import (
+    FixedKLController, RunningMoments, all_rows, all_sum, across_processes, apply_mask, gae, last_index, masked_mean,
+    masked_whiten, response_nll, step_denominator,
+)
 from rlhfzoo.training_errors import TrainingError
 
 
@@ -143,7 +151,7 @@ def build_experience(
     if config.truncation_penalty is not None:
         score = score - config.truncation_penalty * truncated.float()
     if reward_moments is not None and config.normalize_rewards:
-        reward_moments.update(score)
+        reward_moments.update(all_rows(score))  # every process's scores, in rank order
         score = (score - reward_moments.mean) / max(reward_moments.std, 1e-8)
     if config.reward_clip is not None:
         score = score.clamp(-config.reward_clip, config.reward_clip)
@@ -156,8 +164,8 @@ def build_experience(
     rewards[rows, last[~empty]] += score[~empty]
 
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
-    if config.whiten_advantages and mask.sum() > 1:
-        advantages = masked_whiten(advantages, mask)
+    if config.whiten_advantages and all_sum(mask.sum()) > 1:
+        advantages = masked_whiten(advantages, mask, across_processes=True)
 
     n_tokens = mask.sum(-1)
     seq_kl = (old_logprobs - ref_logprobs).sum(-1)  # k1 summed over the response: KL(pi || ref) per sequence
@@ -175,6 +183,7 @@ def build_experience(
         "empty_responses": empty.float().sum().item(),
         "samples": float(B),
     }
+    metrics = across_processes(metrics, summed=("truncated", "empty_responses", "samples"), device=device)
     return Experience(
         ids, attn, rollout.response_mask.to(device), mask, old_logprobs, ref_logprobs, values, rewards,
         advantages, returns, score, metrics,
@@ -275,30 +284,38 @@ class ActorCriticObjective(Objective):
         out["values"] = out["values"][:, :-1]
         return out
 
+    @staticmethod
+    def tokens(batch: Batch) -> torch.Tensor | float:
+        """What the token means of `batch`'s loss divide by: the token mean of the whole optimizer
+        step, all its micro-batches and processes (`rlhfzoo.ops.step_denominator`)."""
+        return step_denominator(batch, batch.extra["mask"].sum())
+
     def value_loss(self, values: torch.Tensor, batch: Batch, clip: float | None) -> tuple[torch.Tensor, dict[str, float]]:
         """0.5 E[max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)] (the clipped value loss of PPO2)."""
         mask, old, returns = batch.extra["mask"], batch.extra["values"], batch.extra["returns"]
+        n = self.tokens(batch)
         losses = (values - returns) ** 2
         if clip is not None:
             clipped = old + (values - old).clamp(-clip, clip)
             losses = torch.maximum(losses, (clipped - returns) ** 2)
-            vclipfrac = masked_mean(((values - old).abs() > clip).float(), mask).item()
+            vclipfrac = masked_mean(((values - old).abs() > clip).float(), mask, count=n).item()
         else:
             vclipfrac = 0.0
-        vf = 0.5 * masked_mean(losses, mask)
+        vf = 0.5 * masked_mean(losses, mask, count=n)
         return vf, {"value_loss": vf.item(), "value_clipfrac": vclipfrac}
 
     def extra_terms(self, batch: Batch, logprobs: torch.Tensor, entropy: torch.Tensor | None, policy: Policy):
-        """Entropy bonus, KL-in-the-loss and pretraining NLL: (sum to add to the loss, metrics)."""
-        cfg, mask = self.config, batch.extra["mask"]
+        """Entropy bonus, KL-in-the-loss and pretraining NLL: (sum to add to the loss, metrics). The
+        first two are token means over the optimizer step, the NLL a mean over its own demonstrations."""
+        cfg, mask, n = self.config, batch.extra["mask"], self.tokens(batch)
         total = torch.zeros((), device=logprobs.device)
         metrics: dict[str, float] = {}
         if entropy is not None:
-            ent = masked_mean(entropy, mask)
+            ent = masked_mean(entropy, mask, count=n)
             total = total - cfg.ent_coef * ent
             metrics["policy_entropy"] = ent.item()
         if cfg.kl_penalty == "loss" and cfg.kl_coef > 0:
-            kl = masked_mean(kernels.token_kl(logprobs, batch.extra["ref_logprobs"], cfg.kl_estimator), mask)
+            kl = masked_mean(kernels.token_kl(logprobs, batch.extra["ref_logprobs"], cfg.kl_estimator), mask, count=n)
             total = total + self.kl_ctl.value * kl
             metrics["kl_loss"] = kl.item()
         if "ptx" in batch.extra and cfg.ptx_coef > 0:

@@ -20,7 +20,8 @@ For a response token a_t taken in state s_t (the prefix before it), with next st
 
     L = q_weight L_Q + v_weight L_V + cql_weight L_CQL + awac_weight L_NLL
 
-(expectations are means over the micro-batch's response tokens). Decoding (the paper's
+(expectations are means over the response tokens of the optimizer step, all its micro-batches
+and processes: `rlhfzoo.ops.step_denominator`). Decoding (the paper's
 perturbed policy) samples from
 
     log pi(a|s) + beta * (min_j Q'_j(s, a) - V(s))
@@ -50,6 +51,7 @@ from pydantic import Field
 
 from rlhfzoo import hookimpl, kernels
 from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfig, Policy, RewardedExample
+from rlhfzoo.ops import step_denominator
 
 HEADS_NAME = "ilql_heads"  # the heads' name among the policy's attached modules (and their weights' prefix)
 HEADS_FILE = "ilql_heads.safetensors"
@@ -371,7 +373,8 @@ class ILQL(Objective):
         act = seq.response_mask[:, 1:].bool()
         with torch.enable_grad() if c.awac_weight > 0 else torch.no_grad():  # AWAC / BC term on the LM
             nll = -kernels.linear_logprobs(hidden[:, :-1][act], head.weight, seq.input_ids[:, 1:][act], bias=head.bias)
-        l_q, l_v, l_cql, l_nll = terms["q"].mean(), terms["v"].mean(), terms["cql"].mean(), nll.mean()
+        n = step_denominator(batch, len(nll))  # the token mean of the whole optimizer step
+        l_q, l_v, l_cql, l_nll = terms["q"].sum() / n, terms["v"].sum() / n, terms["cql"].sum() / n, nll.sum() / n
         loss = c.q_weight * l_q + c.v_weight * l_v + c.cql_weight * l_cql + c.awac_weight * l_nll
         metrics = {
             "loss_q": l_q.item(),

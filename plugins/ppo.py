@@ -11,10 +11,11 @@ shuffled minibatches, one optimizer step each, minimising
     L       = L_CLIP + c_1 L_VF - c_2 H[pi](s_t)  (+ ptx_coef NLL_demos)          # Eq. (9), sign flipped
 
 Early stop: the epochs end once a minibatch's approximate KL(pi_old || pi), E[(rho - 1) - log rho],
-exceeds 1.5 x `target_kl` (measured by `loss`, averaged over the minibatch's micro-batches by the
-trainer, and read by `after_step` after that minibatch's update). The KL coefficient beta of the
-reward follows the adaptive controller of Ziegler et al. (`rlhfzoo.ops.AdaptiveKLController`)
-unless `adaptive_kl: false`.
+exceeds 1.5 x `target_kl` (measured by `loss` as the token mean over the minibatch, every process's
+micro-batches together, and read by `after_step` after that minibatch's update: every process stops
+at the same step). The KL coefficient beta of the reward follows the adaptive controller of Ziegler
+et al. (`rlhfzoo.ops.AdaptiveKLController`) unless `adaptive_kl: false`, from the KL of every
+process's samples.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from rlhfzoo.ops import AdaptiveKLController, FixedKLController, apply_mask, mas
 
 
 def ppo_clip_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
+    count: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Masked token mean of -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logprobs - old_logprobs)."""
+    """Masked token mean of -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logprobs - old_logprobs);
+    `count` replaces the number of tokens as the divisor (see `rlhfzoo.ops.step_denominator`)."""
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.min(ratio * advantages, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages)  # Eq. (7)
-    return masked_mean(-surrogate, mask)
+    return masked_mean(-surrogate, mask, count=count)
 
 
 class PPOConfig(ExperienceConfig):
@@ -83,8 +86,9 @@ class PPOClip(ActorCriticObjective):
             self.epochs_run += 1
 
     def after_step(self, metrics):
-        """Early stop: note whether this step's approximate KL(pi_old || pi) -- the mean over its
-        micro-batches -- exceeded 1.5 x `target_kl`; `minibatches` then ends the epochs."""
+        """Early stop: note whether this step's approximate KL(pi_old || pi) -- the token mean over its
+        micro-batches and processes, the same on each -- exceeded 1.5 x `target_kl`; `minibatches` then
+        ends the epochs."""
         c = self.config
         self.kl_exceeded = c.target_kl is not None and metrics["approx_kl"] > 1.5 * c.target_kl
         return {}
@@ -95,7 +99,8 @@ class PPOClip(ActorCriticObjective):
         out = self.forward(batch, policy, entropy=True)
         logprobs = out["logprobs"]
 
-        pg = ppo_clip_loss(logprobs, old, adv, mask, c.clip_eps)
+        n = self.tokens(batch)  # token means over the whole optimizer step
+        pg = ppo_clip_loss(logprobs, old, adv, mask, c.clip_eps, count=n)
         vf, vmetrics = self.value_loss(out["values"], batch, c.value_clip)
         extra, emetrics = self.extra_terms(batch, logprobs, out["entropy"], policy)
         loss = pg + c.vf_coef * vf + extra
@@ -103,8 +108,8 @@ class PPOClip(ActorCriticObjective):
         with torch.no_grad():
             log_ratio = apply_mask(logprobs - old, mask)
             ratio = torch.exp(log_ratio)
-            approx_kl = masked_mean((ratio - 1) - log_ratio, mask).item()  # k3 estimate of KL(pi_old || pi)
-            clipfrac = masked_mean(((ratio - 1).abs() > c.clip_eps).float(), mask).item()
+            approx_kl = masked_mean((ratio - 1) - log_ratio, mask, count=n).item()  # k3 estimate of KL(pi_old || pi)
+            clipfrac = masked_mean(((ratio - 1).abs() > c.clip_eps).float(), mask, count=n).item()
         metrics = {"pg_loss": pg.item(), "approx_kl": approx_kl, "clipfrac": clipfrac, **vmetrics, **emetrics}
         return LossOutput(loss, metrics)
 

@@ -28,7 +28,7 @@ from pydantic import Field
 from rlhfzoo import hookimpl, kernels
 from rlhfzoo.plugins.actor_critic import ActorCriticObjective, ExperienceConfig
 from rlhfzoo.interfaces import BenchProtocol, LossOutput
-from rlhfzoo.ops import masked_mean
+from rlhfzoo.ops import global_masked_mean, masked_mean
 
 
 def adapt_penalty(beta: float, kl: float, target: float) -> float:
@@ -69,11 +69,12 @@ class PPOPenalty(ActorCriticObjective):
         c = self.config
         self.measured_kl = float("nan")
         yield from self.shuffled_minibatches(experience, c.epochs, c.minibatch_size)
-        # d = E_t[KL[pi_old, pi]] with the updated policy, over the whole batch.
+        # d = E_t[KL[pi_old, pi]] with the updated policy, over the whole batch (of every process:
+        # beta stays the same everywhere).
         with torch.no_grad():
             logprobs = policy.logprobs(experience.sequences, experience.attention_mask).float()
             kl = kernels.token_kl(experience.old_logprobs, logprobs, c.penalty_estimator)
-            self.measured_kl = masked_mean(kl, experience.mask).item()
+            self.measured_kl = global_masked_mean(kl, experience.mask).item()
 
     def loss(self, batch, policy, reference=None) -> LossOutput:
         c, x = self.config, batch.extra
@@ -81,9 +82,10 @@ class PPOPenalty(ActorCriticObjective):
         out = self.forward(batch, policy, entropy=True)
         logprobs = out["logprobs"]
 
+        n = self.tokens(batch)  # token means over the whole optimizer step
         ratio = torch.exp(logprobs - old)
-        penalty = masked_mean(kernels.token_kl(old, logprobs, c.penalty_estimator), mask)  # KL[pi_old, pi]
-        pg = -masked_mean(ratio * adv, mask) + self.beta * penalty  # Eq. (8)
+        penalty = masked_mean(kernels.token_kl(old, logprobs, c.penalty_estimator), mask, count=n)  # KL[pi_old, pi]
+        pg = -masked_mean(ratio * adv, mask, count=n) + self.beta * penalty  # Eq. (8)
         vf, vmetrics = self.value_loss(out["values"], batch, c.value_clip)
         extra, emetrics = self.extra_terms(batch, logprobs, out["entropy"], policy)
         loss = pg + c.vf_coef * vf + extra

@@ -11,6 +11,11 @@ then iterate with the improved policy. The trainer draws the N samples (it repea
 `samples_per_prompt()` = N times; the rollout holds each prompt's samples consecutively), so every
 sample is scored once by the reward source; the objective counts them (`reward_calls`).
 Responses cut at the length limit without EOS can be penalised before choosing (`truncation_penalty`).
+
+Under several processes the percentile is that of every process's scores, and every process takes
+as many optimizer steps as the one that kept the most responses (one that has run out joins the
+step with a response of weight 0): the steps' collectives then meet, and each step's loss is the
+token mean over the responses all processes put in it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pydantic import Field
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import BenchProtocol, Batch, LossOutput, Objective, PluginConfig, SequenceBatch
-from rlhfzoo.ops import response_nll
+from rlhfzoo.ops import all_rows, response_nll, step_denominator
 
 
 class RejectionSamplingConfig(PluginConfig):
@@ -55,6 +60,7 @@ class RejectionSampling(Objective):
         self.reward_calls = 0
         self.kept_total = 0
         self.last_metrics: dict[str, float] = {}
+        self.idle: Batch | None = None  # a response of weight 0, for the steps this process has no kept response for
 
     def samples_per_prompt(self) -> int:
         return self.config.n_samples
@@ -76,7 +82,9 @@ class RejectionSampling(Objective):
         rows = torch.arange(0, B, n) + arg
         keep = torch.isfinite(best)
         if c.keep_percentile is not None:
-            keep &= best >= torch.quantile(scores[torch.isfinite(scores)], c.keep_percentile / 100.0)
+            device = next(policy.module.parameters()).device
+            everyone = all_rows(scores.to(device)).cpu()  # the percentile of every process's scores
+            keep &= best >= torch.quantile(everyone[torch.isfinite(everyone)], c.keep_percentile / 100.0)
         if c.min_score is not None:
             keep &= best >= c.min_score
         kept = rows[keep]
@@ -91,21 +99,31 @@ class RejectionSampling(Objective):
             "truncated_rate": truncated.float().mean().item(),
             "kept_truncated": truncated[kept].float().sum().item(),
         }
+        first = slice(0, 1)
+        idle = SequenceBatch(rollout.sequences[first], rollout.attention_mask[first], torch.zeros_like(rollout.response_mask[first]))
+        self.idle = Batch(sequences=idle, index=torch.zeros(1, dtype=torch.long))
         return SequenceBatch(rollout.sequences[kept], rollout.attention_mask[kept], rollout.response_mask[kept])
 
     def minibatches(self, kept: SequenceBatch, policy):
         c = self.config
+        device = next(policy.module.parameters()).device
+        most = int(all_rows(torch.tensor([len(kept)], device=device)).max())  # kept by the process that kept the most
         for _ in range(c.epochs):
             order = torch.randperm(len(kept))
-            for start in range(0, len(kept), c.minibatch_size):
+            for start in range(0, most, c.minibatch_size):
                 rows = order[start : start + c.minibatch_size]
+                if len(rows) == 0:  # this process has run out: it joins the step without weight
+                    yield self.idle
+                    continue
                 seq = SequenceBatch(kept.input_ids[rows], kept.attention_mask[rows], kept.response_mask[rows])
                 yield Batch(sequences=seq, index=rows)
 
     def loss(self, batch, policy, reference=None) -> LossOutput:
         seq = batch.sequences
-        nll = response_nll(policy.logprobs(seq.input_ids, seq.attention_mask), seq.response_mask)  # SFT on the kept responses
-        return LossOutput(nll, {"nll": nll.item(), "response_tokens": seq.response_mask[:, 1:].sum().item() / len(seq)})
+        n_tokens = seq.response_mask[:, 1:].sum()
+        count = step_denominator(batch, n_tokens)  # the token mean of the whole optimizer step
+        nll = response_nll(policy.logprobs(seq.input_ids, seq.attention_mask), seq.response_mask, count)  # SFT on the kept responses
+        return LossOutput(nll, {"nll": nll.item(), "response_tokens": n_tokens.item() / len(seq)})
 
     def after_iteration(self, metrics):
         """This iteration's selection figures (kept, scores) and the run's totals."""

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: negative log-likelihood of the response tokens, prompt masked.
 
-    L = - (1 / |y|) sum_t log pi(y_t | x, y_<t)        (token mean over the micro-batch)
+    L = - (1 / |y|) sum_t log pi(y_t | x, y_<t)        (token mean over the optimizer step: all its
+                                                        micro-batches and processes, `ops.step_denominator`)
 
 The first stage of the RLHF pipeline (InstructGPT, arXiv:2203.02155, Sec. 3.5) and the
 objective a critique judge is trained with.
@@ -23,6 +24,7 @@ from rlhfzoo import hookimpl
 from rlhfzoo.config import load_config
 from rlhfzoo.evaluation import evaluate
 from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfig
+from rlhfzoo.ops import response_nll, step_denominator
 from rlhfzoo.stages import TrainingStage
 
 REPORT_FILE = "sft_report.json"  # held-out figures of the stage's policy, beside its weights
@@ -49,9 +51,8 @@ class SFT(Objective):
     def loss(self, batch, policy, reference=None) -> LossOutput:
         seq = batch.sequences
         logprobs = policy.logprobs(seq.input_ids, seq.attention_mask)
-        mask = seq.response_mask[:, 1:].to(logprobs.dtype)
-        n_tokens = mask.sum().clamp(min=1)
-        nll = -(logprobs * mask).sum() / n_tokens
+        n_tokens = seq.response_mask[:, 1:].sum()
+        nll = response_nll(logprobs, seq.response_mask, count=step_denominator(batch, n_tokens))
         return LossOutput(nll, {"nll": nll.item(), "response_tokens": n_tokens.item() / len(seq)})
 
 

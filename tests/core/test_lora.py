@@ -317,3 +317,18 @@ def test_a_separate_critic_gets_its_own_adapter_saved_and_loaded(base, tmp_path)
     with torch.no_grad():
         assert torch.equal(again.values(ids, attn), policy.values(ids, attn))
     assert torch.equal(logprobs(again, ids, attn), logprobs(policy, ids, attn))
+
+
+def test_the_adapter_off_reference_is_kept_for_evaluation_not_rebuilt(base, tmp_path):
+    """DPO caches the reference's log-probs and frees a frozen copy; the adapter-off reference has
+    no weights of its own to free, and evaluation must not load a second copy of the base."""
+    from rlhfzoo.api import rows_task
+    from rlhfzoo.config import resolve
+    from rlhfzoo.trainer import Trainer
+
+    data = {"algorithm": {"name": "dpo"}, "policy": {"init": base, "lora": {"r": 4}, "max_new_tokens": 4},
+            "train": {"steps": 1, "batch_size": 4, **QUICK}, "output_dir": str(tmp_path / "run")}
+    task = rows_task(data, PAIRS, None)
+    trainer = Trainer(resolve(data), log=lambda *_: None, task=task)
+    assert not trainer.objective.reference_needed_in_training()  # cached log-probs
+    assert trainer.reference is not None and trainer.reference_for_eval().module is trainer.policy.module
