@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "rlhfzoo.policy",
     "rlhfzoo.plugins.sft",
     "rlhfzoo.plugins.sentiment",
+    "rlhfzoo.plugins.arithmetic",
     "rlhfzoo.plugins.hh_rlhf",
     "rlhfzoo.plugins.dataset",
     "rlhfzoo.plugins.gold",
