@@ -250,7 +250,7 @@ class Objective(Plugin, ABC):
         offline, each step:
             loss(micro-batch) ...  -> optimizer step -> after_step(metrics)
         online, each iteration (`train.steps` counts iterations):
-            samples_per_prompt() rollouts of each prompt -> rewards
+            samples_per_prompt() rollouts of each prompt -> score_rollout(rollout, reward)
             make_experience(rollout, rewards, policy, reference)
             for each item of minibatches(experience, policy):
                 loss(micro-batch) ...  -> optimizer step -> after_step(metrics)
@@ -320,6 +320,11 @@ class Objective(Plugin, ABC):
         """Rollouts the trainer draws for each prompt of an iteration, consecutively in the rollout
         (1; rejection sampling compares N samples of a prompt)."""
         return 1
+
+    def score_rollout(self, rollout: Rollout, reward: RewardSource) -> torch.Tensor:
+        """The rewards [B] of a rollout that `make_experience` receives: the reward source's scores
+        by default; online DPO may instead label pairs with the source's pairwise `compare`."""
+        return reward.score(rollout.prompts, rollout.responses)
 
     def make_experience(
         self, rollout: Rollout, rewards: torch.Tensor, policy: Policy, reference: Policy | None

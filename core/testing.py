@@ -10,7 +10,11 @@ Two optimizer steps on a tiny policy with the objective's data kind (or, for onl
 one iteration of rollout -> reward -> experience -> updates) through the real trainer, then:
 the loss is finite, the parameters changed, and a checkpoint written and read back restores
 the weights, the optimizer and the objective's state exactly. The trainer builds the cached
-stages the run reads first (e.g. the SFT samples sentiment's pairs come from).
+stages the run reads first (e.g. the SFT samples sentiment's pairs come from). The reward source
+is the task's (gold by default) plus a deterministic term in [0, 0.1) from each response's text
+(`DistinctScores`): a scratch policy's samples all get the same gold reward (-1 on sentiment, 0 on
+arithmetic), which leaves group-relative objectives (GRPO, RLOO) no advantage to learn from;
+with the term, two different responses to a prompt differ in reward.
 
 A stage's contract, checked without building it (that may take minutes), `check_stage`:
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -38,6 +43,7 @@ import torch
 
 from rlhfzoo import stages
 from rlhfzoo.config import load_config
+from rlhfzoo.counting_reward import CountingReward
 from rlhfzoo.data.collate import sequence_batch
 from rlhfzoo.evaluation import sample
 from rlhfzoo.interfaces import DATA_KINDS, Chat, Demonstration, Policy, PreferencePair, RewardedExample, RewardSource, Task, UnpairedExample
@@ -66,6 +72,22 @@ def contract_config(
 # ------------------------------------------------------------------------------ objectives and stages
 
 
+class DistinctScores(RewardSource):
+    """A reward source plus 0.1 x a hash of each response's text in [0, 1): different responses
+    get different rewards (see the module docstring); `compare` orders pairs by those scores."""
+
+    def __init__(self, inner: RewardSource):
+        super().__init__(inner.config, task=inner.task)
+        self.inner, self.name = inner, inner.name
+
+    def score(self, prompts, responses) -> torch.Tensor:
+        spread = torch.tensor([zlib.crc32(r.encode()) % 1000 / 1000 for r in responses], dtype=torch.float32)
+        return self.inner.score(prompts, responses).float().cpu() + 0.1 * spread
+
+    def compare(self, prompts, responses_a, responses_b) -> torch.Tensor:
+        return torch.sign(self.score(prompts, responses_a) - self.score(prompts, responses_b))
+
+
 def check_objective(
     objective: str, output_dir: str | Path, task: str | dict = DEFAULTS["task"], reward: str | None = DEFAULTS["reward_source"], **options: Any
 ) -> dict:
@@ -74,6 +96,8 @@ def check_objective(
     task section with its options, e.g. `{"name": "dataset", "path": "pairs.jsonl"}`."""
     cfg = load_config(data=contract_config(objective, output_dir, task, reward, **options))
     trainer = Trainer(cfg, log=lambda *_: None)
+    if trainer.reward is not None:
+        trainer.reward = CountingReward(DistinctScores(trainer.reward.inner))
     if trainer.objective.needs_value_head:
         seq = sequence_batch(trainer.policy.tokenizer, [(p, "") for p in trainer.task.eval_prompts()[:2]], 64)
         device = next(trainer.policy.module.parameters()).device

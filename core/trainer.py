@@ -163,9 +163,10 @@ class Trainer:
         sums: dict[str, float] = {}
         for k, batch in enumerate(batches):
             last = k == len(batches) - 1
-            ctx = nullcontext() if last or self.world == 1 else self.accelerator.no_sync(model)
+            # Gradients are all-reduced on the last micro-batch only; a context manager serves one `with`.
+            no_sync = (lambda: nullcontext()) if last or self.world == 1 else (lambda: self.accelerator.no_sync(model))
             self.wrapped_forward = False
-            with ctx, self.accelerator.autocast():
+            with no_sync(), self.accelerator.autocast():
                 out = self.objective.loss(batch.to(self.accelerator.device), self.policy, self.reference)
             if not torch.isfinite(out.loss):
                 rows = batch.index.tolist() if hasattr(batch, "index") else "?"
@@ -173,7 +174,7 @@ class Trainer:
                     f"the loss is {out.loss.item()} at step {step + 1}, micro-batch {k} (dataset rows {rows}). "
                     "Nothing was saved from this step. Lower train.lr, check the data, or use mixed_precision: no."
                 )
-            with ctx:
+            with no_sync():
                 self.accelerator.backward(out.loss / len(batches))
             for key, v in out.metrics.items():
                 if key == "loss":  # the loss itself is added below, once
@@ -222,7 +223,7 @@ class Trainer:
         self.policy.model.eval()
         with self.accelerator.autocast():  # rollout and experience log-probs computed as the loss's are
             rollout = self.policy.generate(prompts)
-        rewards = self.reward.score(rollout.prompts, rollout.responses).float()
+        rewards = self.objective.score_rollout(rollout, self.reward).float()
         if not torch.isfinite(rewards).all():
             bad = [i for i, r in enumerate(rewards.tolist()) if not math.isfinite(r)]
             raise NonFiniteError(

@@ -92,6 +92,22 @@ def reference_logprobs(reference: Policy | None, seq: SequenceBatch, average: bo
         return reference.sequence_logprobs(seq, average=average).float()
 
 
+def warn_identical_pairs(name: str, data) -> None:
+    """Log once how many pairs have the same chosen and rejected response (masked out of the loss)."""
+    same = sum(e.chosen == e.rejected for e in data)
+    if same:
+        logger.warning(
+            "%s: %d of %d preference pairs have identical chosen and rejected responses; they express no "
+            "preference and are masked out of the preference loss (counted as `skipped_pairs`)", name, same, len(data),
+        )
+
+
+def valid_pairs(batch) -> torch.Tensor:
+    """[B] bool: pairs with two different sides, each with at least one response token."""
+    chosen, rejected = batch.sequences, batch.rejected
+    return ~identical(chosen, rejected) & (response_tokens(chosen) > 0) & (response_tokens(rejected) > 0)
+
+
 # ------------------------------------------------------------------------------ reference cache
 
 
@@ -244,12 +260,7 @@ class PairedObjective(ImplicitRewardEvaluation, Objective):
         raise NotImplementedError
 
     def prepare(self, data, collate, reference) -> None:
-        same = sum(e.chosen == e.rejected for e in data)
-        if same:  # a warning: printed once per run even where no logging is set up (the command line)
-            logger.warning(
-                "%s: %d of %d preference pairs have identical chosen and rejected responses; they express no "
-                "preference and are masked out of the loss (counted as `skipped_pairs`)", self.name, same, len(data),
-            )
+        warn_identical_pairs(self.name, data)  # printed once per run even where no logging is set up
         if self.config.reference != "cached":
             return
         if reference is None:
@@ -278,8 +289,7 @@ class PairedObjective(ImplicitRewardEvaluation, Objective):
         else:
             ref = reference_logprobs(reference, concat(chosen, rejected), avg)
             ref_c, ref_r = ref[:n], ref[n:]
-        valid = ~identical(chosen, rejected) & (response_tokens(chosen) > 0) & (response_tokens(rejected) > 0)
-        return pi_c - ref_c, pi_r - ref_r, valid
+        return pi_c - ref_c, pi_r - ref_r, valid_pairs(batch)
 
     def pair_metrics(self, chosen: torch.Tensor, rejected: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
         """Implicit rewards (scale * log-ratio), reward accuracy and margin, KL on the batch."""

@@ -8,7 +8,7 @@ task's figure is held-out accuracy. Prompts are problems like "12+34=", response
 scratch to well below 100 % accuracy, leaving RL room to improve it.
 
 Derived data, labelled by the gold reward from the SFT policy's samples (the `sft-samples` and
-`sft-samples-test` stages, registered by `rlhfzoo.plugins.sentiment`, which sample
+`sft-samples-test` stages of `rlhfzoo.plugins.sft_samples`, which sample
 `samples_per_prompt` responses per prompt under the task's `seed`): each prompt's distinct samples
 are ordered by gold, and
 
@@ -39,7 +39,7 @@ from rlhfzoo.plugins.arithmetic_problems import (
     make_prompts,
     make_tokenizer,
 )
-from rlhfzoo.plugins.sentiment import SAMPLES_STAGES
+from rlhfzoo.plugins.sft_samples import SAMPLES_STAGES
 
 KINDS = ("demonstrations", "pairs", "unpaired", "rewarded", "prompts", "rankings")
 DERIVED_KINDS = ("pairs", "unpaired", "rewarded", "rankings")  # labelled from SFT samples

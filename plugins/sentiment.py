@@ -11,9 +11,9 @@ read off u, so P(a > b) = sigmoid((gold_a - gold_b) / label_noise) (Bradley-Terr
 from |gold_a - gold_b|; offline-RL rewards are the gold itself; judge critiques end in a rating
 "[[k]]" with k = min(10, 1 + floor(5 * (gold + 1))).
 
-The SFT samples are two stages (`sft-samples` for the train prompts, `sft-samples-test` for the
-held-out ones, both cached under `sft-samples`): `samples_per_prompt` responses of the task's SFT
-policy to each prompt. `stages_for` names them for every derived kind, so they are built before
+The SFT samples are two stages of `rlhfzoo.plugins.sft_samples` (`sft-samples` for the train
+prompts, `sft-samples-test` for the held-out ones): `samples_per_prompt` responses of the task's
+SFT policy to each prompt. `stages_for` names them for every derived kind, so they are built before
 the task is asked for such examples; `examples` only reads them.
 """
 
@@ -23,16 +23,13 @@ import json
 import math
 import random
 from itertools import combinations
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from pydantic import Field, model_validator
 
 from rlhfzoo import hookimpl, stages
-from rlhfzoo.errors import UserError
-from rlhfzoo.evaluation import sample
-from rlhfzoo.interfaces import Demonstration, PluginConfig, PreferencePair, RewardedExample, Stage, Task, UnpairedExample
+from rlhfzoo.interfaces import Demonstration, PluginConfig, PreferencePair, RewardedExample, Task, UnpairedExample
 from rlhfzoo.plugins.review_language import (  # noqa: F401  (continue_review: the language's, re-exported with the task)
     SPECIAL_TOKENS,
     VOCAB,
@@ -42,11 +39,10 @@ from rlhfzoo.plugins.review_language import (  # noqa: F401  (continue_review: t
     make_demonstrations,
     make_prompts,
 )
-from rlhfzoo.registry import registry
+from rlhfzoo.plugins.sft_samples import SAMPLES_STAGES
 
 KINDS = ("demonstrations", "pairs", "unpaired", "rewarded", "prompts", "rankings", "critiques")
 DERIVED_KINDS = ("pairs", "unpaired", "rewarded", "rankings", "critiques")  # labelled from SFT samples
-SAMPLES_STAGES = {"train": "sft-samples", "test": "sft-samples-test"}  # split -> the stage of its samples
 
 
 # ------------------------------------------------------------------------------ labels from samples
@@ -296,59 +292,6 @@ class SentimentTask(Task):
                 "max_response_words": c.max_response_words}
 
 
-# ------------------------------------------------------------------------------ the SFT samples stages
-
-
-class SFTSamples(Stage):
-    """`samples_per_prompt` responses of the task's SFT policy to each train prompt, sampled under
-    the task's seed: what the task's labelled data is derived from."""
-
-    name = "sft-samples"
-    summary = "Samples of the task's SFT policy for its train prompts, from which sentiment derives pairs, rankings, ..."
-    paper = "Gao, Schulman & Hilton 2022, arXiv:2210.10760"
-    requires = ("sft",)
-    artifact = "sft-samples"
-    output = "samples.json"
-    split = "train"
-
-    def key(self, task) -> dict[str, Any]:
-        n, seed = self._sampling(task)
-        return {"sft": stages.get("sft").key(task), "prompts": task.examples("prompts", self.split), "n": n, "seed": seed}
-
-    def build(self, directory: Path, task, log, progress: bool = False) -> None:
-        n, seed = self._sampling(task)
-        prompts = task.examples("prompts", self.split)
-        policy = registry.create("policy", "hf", {"init": "sft"}, task=task)
-        repeated = [p for p in prompts for _ in range(n)]
-        responses = [r for ro in sample(policy, repeated, batch_size=256, seed=seed) for r in ro.responses]
-        grouped = [responses[i * n : (i + 1) * n] for i in range(len(prompts))]
-        (directory / self.output).write_text(json.dumps(grouped))
-
-    def _sampling(self, task) -> tuple[int, int]:
-        """(samples per prompt, seed) from the task's options."""
-        options = task.config.model_dump()
-        if "samples_per_prompt" not in options or "seed" not in options:
-            raise UserError(
-                f"stage {self.name!r} samples `samples_per_prompt` responses per prompt under the task's `seed`; "
-                f"task {task.name!r} has no such options (the `sentiment` task has)"
-            )
-        return options["samples_per_prompt"], options["seed"]
-
-
-class SFTSamplesTest(SFTSamples):
-    """The same for the held-out prompts (held-out pairs, rankings, ... for evaluations)."""
-
-    name = "sft-samples-test"
-    summary = "Samples of the task's SFT policy for its held-out prompts (sentiment's held-out labelled data)."
-    split = "test"
-
-
 @hookimpl
 def register_tasks(register):
     register(SentimentTask)
-
-
-@hookimpl
-def register_stages(register):
-    register(SFTSamples)
-    register(SFTSamplesTest)

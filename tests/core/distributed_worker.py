@@ -105,7 +105,8 @@ def ppo(out: Path) -> None:
 
 
 def ppo_penalty(out: Path) -> None:
-    t = trainer(out, {"name": "ppo-penalty", "minibatch_size": 2, "epochs": 1}, reward=True, lr=1e-2)
+    # Micro-batches of 1: two per step, the first without the gradient all-reduce (`no_sync`).
+    t = trainer(out, {"name": "ppo-penalty", "minibatch_size": 2, "micro_batch_size": 1, "epochs": 1}, reward=True, lr=1e-2)
     steps = count_steps(t)
     t.fit(overwrite=True)
     save(t, out, steps=steps[0], beta=t.objective.beta, measured_kl=t.objective.measured_kl)

@@ -56,8 +56,33 @@ def dataset(tmp_path, monkeypatch):
     return {"path": str(path), "test_fraction": 0.25, "vocab_size": 300}
 
 
+SMALL_ARITHMETIC = {
+    "n_demonstrations": 64, "n_test_demonstrations": 16, "n_prompts": 4, "n_test_prompts": 3, "samples_per_prompt": 2,
+}
+
+
+def arithmetic(tmp_path, monkeypatch):
+    """Small splits, and SFT samples made by hand (per prompt: the answer and the answer plus one),
+    so that every labelled kind has examples without training or sampling anything."""
+    from rlhfzoo.plugins.arithmetic_problems import answer
+
+    monkeypatch.setenv("RLHFZOO_CACHE", str(tmp_path / "cache"))
+
+    def hand_made_samples(self, directory, task, log, progress=False):
+        rows = [[answer(p), str(int(answer(p)) + 1)] for p in task.examples("prompts", self.split)]
+        (directory / self.output).write_text(json.dumps(rows))
+
+    monkeypatch.setattr(registry.get("stage", "sft").cls, "build", lambda self, directory, task, log, progress=False: None)
+    monkeypatch.setattr(registry.get("stage", "sft-samples").cls, "build", hand_made_samples)
+    task = registry.create("task", "arithmetic", SMALL_ARITHMETIC)
+    for stage in task.stages_for("pairs"):
+        stages.build(stage, task, log=None)
+    assert len(task.examples("unpaired", "test")) == 2 * SMALL_ARITHMETIC["n_test_prompts"]  # both samples of each
+    return SMALL_ARITHMETIC
+
+
 # Task name -> the function (tmp_path, monkeypatch) -> options it is checked with.
-CASES = {"sentiment": sentiment, "hh-rlhf": hh_rlhf, "dataset": dataset}
+CASES = {"sentiment": sentiment, "hh-rlhf": hh_rlhf, "dataset": dataset, "arithmetic": arithmetic}
 
 
 def test_every_builtin_task_has_a_case():

@@ -104,6 +104,7 @@ def test_ppo_statistics_are_global(runs):
 
 
 def test_ppo_penalty_beta_is_global(runs):
+    """Also the run with two micro-batches per step (the first under `no_sync`)."""
     a, b = ranks(runs / "ppo-penalty", "results")
     assert a == b  # beta, the KL it was adapted from, steps taken
     assert_same_weights(runs / "ppo-penalty")

@@ -1,15 +1,18 @@
 """Gradient accumulation is exact: the same global batch gives the same gradient whatever the number
 of micro-batches it is cut into, for every objective, on sequences of unequal lengths.
 
-Token-level losses (SFT, rejection sampling, ILQL, the PPO/A2C terms) are token means over the whole
-optimizer step (`rlhfzoo.ops.step_denominator`); sequence-level ones (DPO, IPO) are means over
-equal-sized micro-batches, exact as they are. The model is in float64, so that the only differences
+Token-level losses (SFT, rejection sampling, ILQL, the PPO/A2C terms, ORPO's NLL) are token means
+over the whole optimizer step (`rlhfzoo.ops.step_denominator`; GRPO's and RLOO's steps carry their
+own sequence and token totals); sequence-level ones (DPO, IPO, SimPO, ORPO's odds-ratio term) are
+means over equal-sized micro-batches, exact as they are. The model is in float64, so that the only differences
 left are summation order (~1e-16), far below the 1e-6 asked and the 1e-2 to 3e-1 that per-micro-batch
 means gave. (The process-count half of the equivalence is in test_distributed.py.)
 
 Not here: KTO, whose reference point z0 is a statistic of each micro-batch (averaged over processes),
 as in the paper's per-batch estimate, so its gradient depends on the micro-batch size by design; and
-PPO-ptx's pretraining term, a mean over demonstrations drawn afresh for every micro-batch.
+PPO-ptx's pretraining term, a mean over demonstrations drawn afresh for every micro-batch; and online
+DPO, whose scratch-policy samples all tie under the gold reward (no pair to train on; its steps'
+mean over every process's pairs is checked in tests/plugins/test_online_dpo.py).
 """
 
 import random
@@ -20,6 +23,7 @@ import torch
 from rlhfzoo.config import load_config
 from rlhfzoo.interfaces import Batch, SequenceBatch
 from rlhfzoo.ops import masked_mean, set_step_tokens, step_denominator
+from rlhfzoo.plugins.group_relative import GroupExperience
 from rlhfzoo.plugins.sentiment import SentimentTask, continue_review
 from rlhfzoo.testing import TINY_POLICY
 from rlhfzoo.trainer import Trainer, global_batch
@@ -51,7 +55,7 @@ def trainer_for(algorithm: str, out, **options) -> Trainer:
         "train": {"steps": 1, "batch_size": ROWS, "lr": 1e-3, "eval_prompts": 0, "progress": False},
         "output_dir": str(out),
     }
-    if algorithm in ("ppo-clip", "ppo-penalty", "a2c", "rejection-sampling"):
+    if algorithm in ("ppo-clip", "ppo-penalty", "a2c", "rejection-sampling", "grpo", "rloo"):
         data["reward"] = {"name": "gold"}
     trainer = Trainer(load_config(data=data), log=lambda *_: None, task=RandomSamplesSentiment(SentimentTask.Config(**SMALL)))
     trainer.policy.module.double()  # the same parameters (the optimizer's), in float64
@@ -69,7 +73,8 @@ def offline_batches(trainer: Trainer):
 
 def online_batches(trainer: Trainer):
     """The micro-batches of one step of the objective's experience (built once, from one rollout)."""
-    prompts = [trainer.data[i] for i in global_batch(len(trainer.data), ROWS, 0, trainer.train.seed)]
+    k = trainer.objective.samples_per_prompt()
+    prompts = [trainer.data[i] for i in global_batch(len(trainer.data), ROWS // k, 0, trainer.train.seed) for _ in range(k)]
     torch.manual_seed(0)
     rollout = trainer.policy.generate(prompts)
     rewards = trainer.reward.score(rollout.prompts, rollout.responses)
@@ -82,6 +87,13 @@ def online_batches(trainer: Trainer):
             return [Batch(SequenceBatch(*(t[r] for t in (experience.input_ids, experience.attention_mask, experience.response_mask))), r) for r in parts]
 
         return split
+    if isinstance(experience, GroupExperience):  # its steps carry their totals: cut by the objective itself
+
+        def cut(m: int) -> list[Batch]:
+            trainer.objective.config.micro_batch_size = m
+            return next(iter(trainer.objective.minibatches(experience, trainer.policy)))
+
+        return cut
     return lambda m: [experience.batch(torch.arange(k, k + m)) for k in range(0, ROWS, m)]
 
 
@@ -110,6 +122,10 @@ CASES = {
     "ppo-clip": {"value_clip": 0.1},
     "ppo-penalty": {},
     "a2c": {"ent_coef": 0.01},  # with the KL in the loss (a2c's default) and an entropy bonus
+    "simpo": {},
+    "orpo": {"lam": 0.5},  # the chosen responses' NLL (token mean over the step) and the odds-ratio term
+    "grpo": {"group_size": 2, "loss_type": "bnpo", "beta": 0.1},
+    "rloo": {"group_size": 2, "clip_eps": 0.2},
 }
 
 

@@ -196,6 +196,6 @@ def test_builtin_stages_are_registered_by_the_plugins_they_belong_to():
         "sft": "rlhfzoo.plugins.sft",
         "reward-model": "rlhfzoo.plugins.reward_model",
         "judge": "rlhfzoo.plugins.critique",
-        "sft-samples": "rlhfzoo.plugins.sentiment",
-        "sft-samples-test": "rlhfzoo.plugins.sentiment",
+        "sft-samples": "rlhfzoo.plugins.sft_samples",
+        "sft-samples-test": "rlhfzoo.plugins.sft_samples",
     }

@@ -198,33 +198,13 @@ def test_labelled_kinds_read_the_sft_samples_stages():
 
 
 # ------------------------------------------------------------------------------ the task contract
-def hand_sampled_stages(tmp_path, monkeypatch):
-    """A fresh cache whose `sft-samples` stages hold hand-made samples (each prompt answered right
-    and off by one) and whose `sft` stage is empty: every labelled kind can be read, nothing trains."""
-    monkeypatch.setenv("RLHFZOO_CACHE", str(tmp_path / "cache"))
-
-    def samples(self, directory, task, log, progress=False):
-        rows = [[P.answer(p), str(int(P.answer(p)) + 1)] for p in task.examples("prompts", self.split)]
-        (directory / self.output).write_text(json.dumps(rows))
-
-    monkeypatch.setattr(registry.get("stage", "sft").cls, "build", lambda self, directory, task, log, progress=False: None)
-    monkeypatch.setattr(registry.get("stage", "sft-samples").cls, "build", samples)
-
-
-def test_task_contract_without_and_with_the_samples_stages(tmp_path, monkeypatch):
+# With hand-made SFT samples every kind is checked by tests/core/test_contract_tasks.py (its case).
+def test_task_contract_without_the_samples_stages(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHFZOO_CACHE", str(tmp_path / "empty"))
     report = check_task("arithmetic", **SMALL)
     assert set(report["checked"]) == {"demonstrations", "prompts"} and report["absent"] == []
     assert report["checked"]["prompts"] == {"train": 6, "test": 4}
     assert set(report["skipped"]) == {"pairs", "unpaired", "rewarded"}
-
-    hand_sampled_stages(tmp_path, monkeypatch)
-    task = registry.create("task", "arithmetic", SMALL)
-    for name in task.stages_for("pairs"):
-        stages.build(name, task, log=None)
-    report = check_task("arithmetic", **SMALL)
-    assert not report["skipped"] and report["checked"]["pairs"] == {"train": 6, "test": 4}
-    assert report["checked"]["unpaired"] == {"train": 12, "test": 8}
 
 
 def test_registered_with_its_gold_reward_as_the_default():
