@@ -10,6 +10,8 @@ in the same processes; each rank writes what it ended with under OUT/<scenario>/
     ppo-penalty  PPO-penalty: its beta, the KL it adapts beta from, the steps taken, the final weights
     rs     rejection sampling keeping the top half of every process's scores: the responses each
            rank kept, the steps taken, the final weights
+    grpo, online-dpo  GRPO with dynamic sampling, online DPO dropping tied pairs, under a reward that
+           ties half the time: what each rank kept per iteration, the steps taken, the final weights
     bf16   (one process; accelerate fixes the mixed precision per process) PPO-clip and DPO under
            bf16 autocast on CPU: step 1's max |log pi/pi_old| and KL to the reference, DPO's first margin
 """
@@ -43,7 +45,17 @@ class LetterReward(RewardSource):
         return torch.tensor([10 * (p + r).count("e") / max(len(p + r), 1) for p, r in zip(prompts, responses)])
 
 
-def trainer(out: Path, algorithm: dict, reward: bool = False, **train) -> Trainer:
+class ParityReward(RewardSource):
+    """1 for a response of an even number of characters, else 0: about half the groups of two samples
+    tie, so dynamic sampling (GRPO) and tie dropping (online DPO) keep different numbers per rank."""
+
+    name = "test-parity"
+
+    def score(self, prompts, responses):
+        return torch.tensor([float(len(r) % 2 == 0) for r in responses])
+
+
+def trainer(out: Path, algorithm: dict, reward: bool | RewardSource = False, **train) -> Trainer:
     data = {
         "task": {"name": "sentiment", **SMALL},
         "policy": LLAMA,
@@ -54,7 +66,8 @@ def trainer(out: Path, algorithm: dict, reward: bool = False, **train) -> Traine
     if reward:
         data["reward"] = {"name": "gold"}
     task = RandomSamplesSentiment(SentimentTask.Config(**SMALL))
-    return Trainer(load_config(data=data), log=lambda *_: None, task=task, reward=LetterReward() if reward else None)
+    source = reward if isinstance(reward, RewardSource) else LetterReward() if reward else None
+    return Trainer(load_config(data=data), log=lambda *_: None, task=task, reward=source)
 
 
 def count_steps(t: Trainer) -> list[int]:
@@ -126,6 +139,30 @@ def rejection_sampling(out: Path) -> None:
     save(t, out, steps=steps[0], kept=kept)
 
 
+def kept_per_rank(out: Path, algorithm: dict) -> None:
+    """An online objective that keeps some of each rank's samples: what each rank kept per iteration,
+    the optimizer steps taken (minibatches of 1: as many as the rank that kept the most), the weights."""
+    t = trainer(out, algorithm, reward=ParityReward(), steps=3)
+    steps, kept, make = count_steps(t), [], t.objective.make_experience
+
+    def recording(*args):
+        experience = make(*args)
+        kept.append(len(experience))
+        return experience
+
+    t.objective.make_experience = recording
+    t.fit(overwrite=True)
+    save(t, out, steps=steps[0], kept=kept)
+
+
+def grpo(out: Path) -> None:
+    kept_per_rank(out, {"name": "grpo", "group_size": 2, "dynamic_sampling": True, "minibatch_size": 1, "beta": 0.1})
+
+
+def online_dpo(out: Path) -> None:
+    kept_per_rank(out, {"name": "online-dpo", "minibatch_size": 1})
+
+
 def bf16(out: Path) -> None:
     """Under bf16 autocast, step 1 of PPO (policy = rollout policy = reference) and of DPO."""
     t = trainer(out / "ppo", {"name": "ppo-clip", "minibatch_size": 4, "epochs": 1}, reward=True, steps=1, mixed_precision="bf16")
@@ -148,7 +185,10 @@ def bf16(out: Path) -> None:
     (out / "result.json").write_text(json.dumps(result))
 
 
-SCENARIOS = {"sft": sft, "ilql": ilql, "ppo": ppo, "ppo-penalty": ppo_penalty, "rs": rejection_sampling, "bf16": bf16}
+SCENARIOS = {
+    "sft": sft, "ilql": ilql, "ppo": ppo, "ppo-penalty": ppo_penalty, "rs": rejection_sampling, "grpo": grpo,
+    "online-dpo": online_dpo, "bf16": bf16,
+}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("two-processes")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", str(HERE / "distributed_worker.py"), str(out)]
-    done = subprocess.run([*cmd, "sft", "ilql", "ppo", "ppo-penalty", "rs"], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([*cmd, "sft", "ilql", "ppo", "ppo-penalty", "rs", "grpo", "online-dpo"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 
@@ -116,3 +116,13 @@ def test_rejection_sampling_ranks_take_the_same_steps(runs):
     assert a["kept"] != b["kept"], "the ranks kept as many responses: the test checks nothing"
     assert a["steps"] == b["steps"] == sum(max(x, y) for x, y in zip(a["kept"], b["kept"]))  # minibatch_size 1
     assert_same_weights(runs / "rs")
+
+
+@pytest.mark.parametrize("scenario", ["grpo", "online-dpo"])
+def test_group_sampled_objectives_take_the_same_steps_on_every_rank(runs, scenario):
+    """GRPO drops tied groups and online DPO tied pairs on each rank separately; every rank takes
+    the steps of the one that kept the most (minibatches of 1) and the weights stay identical."""
+    a, b = ranks(runs / scenario, "results")
+    assert a["kept"] != b["kept"], "the ranks kept as many samples: the test checks nothing"
+    assert a["steps"] == b["steps"] == sum(max(x, y) for x, y in zip(a["kept"], b["kept"]))
+    assert_same_weights(runs / scenario)
