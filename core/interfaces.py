@@ -20,23 +20,11 @@ from pydantic import BaseModel, ConfigDict
 from rlhfzoo.bench_protocol import BenchProtocol  # noqa: F401  (declared by objectives and policies)
 from rlhfzoo.errors import UserError
 from rlhfzoo.data.types import (  # noqa: F401
-    DataKind,
-    DATA_KINDS,
-    Chat,
-    Text,
-    Demonstration,
-    PreferencePair,
-    UnpairedExample,
-    RewardedExample,
-    SequenceBatch,
-    Batch,
-    Rollout,
-    LossOutput,
+    DataKind, DATA_KINDS, Chat, Text, Demonstration, PreferencePair, UnpairedExample, RewardedExample, SequenceBatch,
+    Batch, Rollout, LossOutput,
 )
 
-# --------------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ configs
 
 
 class PluginConfig(BaseModel):
@@ -50,9 +38,7 @@ class EmptyConfig(PluginConfig):
     """A plugin with no options."""
 
 
-# --------------------------------------------------------------------------------------------
-# Plugin base: metadata every registered class carries, read by the registry.
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ plugin base: metadata the registry reads
 
 
 class Plugin:
@@ -74,9 +60,7 @@ class Plugin:
         return []
 
 
-# --------------------------------------------------------------------------------------------
-# The interfaces
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ the interfaces
 
 
 class Policy(Plugin, ABC):

@@ -1,7 +1,7 @@
 """The training loops, on accelerate.
 
     offline:  dataset batches ------------------------------------------> objective.loss -> step
-    online:   prompts -> policy.generate -> reward.score -> objective.make_experience
+    online:   prompts -> policy.generate -> objective.score_rollout -> objective.make_experience
                       -> objective.minibatches -> objective.loss -> step    (repeated)
                       -> objective.after_iteration
 
@@ -46,7 +46,7 @@ from rlhfzoo.config import RunConfig
 from rlhfzoo.counting_reward import CountingReward
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import Batch, Objective, Policy, RewardSource, Task
-from rlhfzoo.ops import average_gradients, set_step_tokens
+from rlhfzoo.ops import across_processes, average_gradients, set_step_tokens
 from rlhfzoo.schedule import global_batch, lr_factor, peak_rss_mb, seed_everything  # noqa: F401  (part of this module's API)
 from rlhfzoo.training_errors import NonFiniteError, TrainingError  # noqa: F401  (re-exported)
 
@@ -185,7 +185,7 @@ class Trainer:
             # The loss bypassed the DDP wrapper (ILQL computes on the bare module): DDP did not
             # average the gradients, so average them here.
             average_gradients(self.policy.parameters())
-        return self._reduce(sums)  # the same figures on every process, for `after_step` to decide on
+        return across_processes(sums, device=self.accelerator.device)  # the same figures on every process, for `after_step` to decide on
 
     def _note_forward(self, module: Any, args: Any) -> None:
         """Forward pre-hook of the DDP-wrapped model: whether the current loss went through it."""
@@ -362,7 +362,7 @@ class Trainer:
         while self.step < stop_at:
             metrics = self.train_step(self.step)
             self.step += 1
-            metrics = self._reduce(metrics)
+            metrics = across_processes(metrics, device=self.accelerator.device)
             if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.steps:
                 metrics.update(self.periodic_eval())
             if self.step % tr.log_every == 0 or self.step == tr.steps or any(k.startswith("eval/") for k in metrics):
@@ -388,14 +388,6 @@ class Trainer:
         finally:
             if tr.report_to:
                 acc.end_training()
-
-    def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        t = self.accelerator.reduce(t, reduction="mean")
-        return dict(zip(keys, t.tolist()))
 
     def reference_for_eval(self) -> Policy | None:
         if self.reference is None and self.objective.needs_reference:  # freed after caching: rebuild it
