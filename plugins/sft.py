@@ -71,7 +71,8 @@ def sft_run_data(task: Any) -> dict[str, Any]:
 
 # Train settings that change the SFT weights (the rest only change logging, checkpoints, the final evaluation).
 WEIGHT_FIELDS = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_schedule",
-                 "max_grad_norm", "mixed_precision", "seed", "eval_every")  # eval_every: sampling mid-run draws random numbers
+                 "max_grad_norm", "mixed_precision", "seed", "eval_every", "num_threads")
+# eval_every: sampling mid-run draws random numbers; num_threads: the order of the CPU's sums
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 

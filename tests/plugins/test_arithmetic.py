@@ -223,8 +223,8 @@ def test_registered_with_its_gold_reward_as_the_default():
 @pytest.mark.slow
 def test_cached_sft_policy_is_above_chance_and_leaves_room_to_improve():
     """The SFT stage RL starts from (trained once per cache, ~2 minutes on 2 CPU cores): its report
-    on 128 held-out problems. Measured with the current recipe: accuracy 0.45 on these (0.51 on
-    500); other task seeds gave 0.18 (the steep part of the learning curve), so the band is wide."""
+    on the held-out problems. Measured with the constant-lr recipe: accuracy 0.55 on 500 (0.44 with
+    another initialisation; the learning curve is steep here), so the band is wide."""
     path = stages.build("sft", ArithmeticTask(), log=None)
     report = json.loads((path / "sft_report.json").read_text())
     assert 0.1 <= report["accuracy"] <= 0.85, report
