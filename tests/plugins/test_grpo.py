@@ -282,3 +282,10 @@ def test_gradient_does_not_depend_on_the_micro_batches(tmp_path, name, options):
     assert whole.norm() > 0
     for g in split:
         assert ((g - whole).norm() / whole.norm()).item() < 1e-9
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_advantages_gradcheck(scale):
+    """The advantages as a function of the rewards (groups with distinct rewards: the std is smooth there)."""
+    rewards = t(0.3, -1.2, 0.8, 2.0, 0.1, -0.4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda r: group_advantages(r, 3, scale=scale), (rewards,))

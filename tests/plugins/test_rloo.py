@@ -82,3 +82,12 @@ def test_kl_to_the_reference_is_in_the_reward():
     assert out["non_score_reward"] == pytest.approx(-0.3 * seq_kl.mean().item(), abs=1e-5)
     with pytest.raises(ValueError, match="reference"):
         obj.make_experience(rollout, scores, policy, None)
+
+
+def test_rloo_advantages_gradcheck_and_jacobian():
+    """Linear in the rewards: d A_i / d r_i = 1, d A_i / d r_j = -1/(k-1) within a group, 0 across groups."""
+    rewards = t(0.3, -1.2, 0.8, 2.0, 0.1, -0.4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda r: rloo_advantages(r, 3), (rewards,))
+    jac = torch.autograd.functional.jacobian(lambda r: rloo_advantages(r, 3), rewards.detach())
+    block = torch.full((3, 3), -0.5, dtype=torch.float64).fill_diagonal_(1.0)
+    assert torch.equal(jac, torch.block_diag(block, block))
