@@ -21,15 +21,14 @@ are ordered by gold, and
 
 from __future__ import annotations
 
-import json
 from itertools import combinations
 from typing import Any, Sequence
 
 import torch
 from pydantic import Field, model_validator
 
-from rlhfzoo import hookimpl, stages
-from rlhfzoo.interfaces import PluginConfig, PreferencePair, RewardedExample, Task, UnpairedExample
+from rlhfzoo import hookimpl
+from rlhfzoo.interfaces import PluginConfig, PreferencePair, RewardedExample, UnpairedExample
 from rlhfzoo.plugins.arithmetic_problems import (
     OPERATIONS,
     gold_scores,
@@ -39,7 +38,7 @@ from rlhfzoo.plugins.arithmetic_problems import (
     make_prompts,
     make_tokenizer,
 )
-from rlhfzoo.plugins.sft_samples import SAMPLES_STAGES
+from rlhfzoo.plugins.sft_samples import SampleLabelledTask
 
 KINDS = ("demonstrations", "pairs", "unpaired", "rewarded", "prompts", "rankings")
 DERIVED_KINDS = ("pairs", "unpaired", "rewarded", "rankings")  # labelled from SFT samples
@@ -91,10 +90,11 @@ def rewarded_examples(prompts, samples, format_reward: float = 0.0) -> list[Rewa
 
 
 # ------------------------------------------------------------------------------ the task
-class ArithmeticTask(Task):
+class ArithmeticTask(SampleLabelledTask):
     """Addition and subtraction problems with an exact-answer gold reward; labelled data derived from it."""
 
     name = "arithmetic"
+    kinds, derived_kinds = KINDS, DERIVED_KINDS
     summary = (
         "Multi-digit addition/subtraction (\"12+34=\" -> \"46\") with a verifiable gold reward: 1 for the exact answer, "
         "format_reward for another well-formed integer, else 0; one token per character; figure: held-out accuracy"
@@ -132,19 +132,6 @@ class ArithmeticTask(Task):
                 raise ValueError(f"operations must be distinct ones of {list(OPERATIONS)}, got {self.operations}")
             return self
 
-    def __init__(self, config: PluginConfig | None = None):
-        super().__init__(config)
-        self._cache: dict[tuple[str, str], list[Any]] = {}
-
-    def examples(self, kind: str, split: str = "train") -> list[Any]:
-        if kind not in KINDS:
-            raise ValueError(f"task 'arithmetic' has no data kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-        if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r}; valid splits: train, test")
-        if (kind, split) not in self._cache:
-            self._cache[kind, split] = self._build(kind, split)
-        return list(self._cache[kind, split])
-
     def _build(self, kind: str, split: str) -> list[Any]:
         c, test = self.config, split == "test"
         digits = (c.min_digits, c.max_digits, c.operations)
@@ -161,23 +148,6 @@ class ArithmeticTask(Task):
             return unpaired_examples(prompts, samples)
         return rewarded_examples(prompts, samples, c.format_reward)
 
-    def samples(self, split: str = "train") -> tuple[list[str], list[list[str]]]:
-        """The split's prompts and `samples_per_prompt` responses of the task's SFT policy to each,
-        read from the split's samples stage (`StageNotBuilt` when nothing built it yet)."""
-        if ("samples", split) not in self._cache:
-            prompts = self.examples("prompts", split)
-            samples = json.loads(stages.path(SAMPLES_STAGES[split], self).read_text())
-            self._cache["samples", split] = [prompts, samples]
-        prompts, samples = self._cache["samples", split]
-        return prompts, samples
-
-    def provides(self, kind: str) -> bool:
-        return kind in KINDS
-
-    def stages_for(self, kind: str) -> list[str]:
-        """Labelled data comes from the SFT samples of both splits (training reads the train split,
-        held-out evaluations the test split)."""
-        return list(SAMPLES_STAGES.values()) if kind in DERIVED_KINDS else []
 
     def gold_reward(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         return torch.tensor(gold_scores(prompts, responses, self.config.format_reward), dtype=torch.float32)

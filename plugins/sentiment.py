@@ -19,7 +19,6 @@ the task is asked for such examples; `examples` only reads them.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from itertools import combinations
@@ -28,8 +27,8 @@ from typing import Any, Sequence
 import torch
 from pydantic import Field, model_validator
 
-from rlhfzoo import hookimpl, stages
-from rlhfzoo.interfaces import Demonstration, PluginConfig, PreferencePair, RewardedExample, Task, UnpairedExample
+from rlhfzoo import hookimpl
+from rlhfzoo.interfaces import Demonstration, PluginConfig, PreferencePair, RewardedExample, UnpairedExample
 from rlhfzoo.plugins.review_language import (  # noqa: F401  (continue_review: the language's, re-exported with the task)
     SPECIAL_TOKENS,
     VOCAB,
@@ -39,7 +38,7 @@ from rlhfzoo.plugins.review_language import (  # noqa: F401  (continue_review: t
     make_demonstrations,
     make_prompts,
 )
-from rlhfzoo.plugins.sft_samples import SAMPLES_STAGES
+from rlhfzoo.plugins.sft_samples import SampleLabelledTask
 
 KINDS = ("demonstrations", "pairs", "unpaired", "rewarded", "prompts", "rankings", "critiques")
 DERIVED_KINDS = ("pairs", "unpaired", "rewarded", "rankings", "critiques")  # labelled from SFT samples
@@ -136,10 +135,11 @@ def critique_examples(prompts, samples, max_words: int = 24) -> list[Demonstrati
 
 
 # ------------------------------------------------------------------------------ the task
-class SentimentTask(Task):
+class SentimentTask(SampleLabelledTask):
     """Synthetic movie reviews with a programmatic gold reward; all preference data derived from it."""
 
     name = "sentiment"
+    kinds, derived_kinds = KINDS, DERIVED_KINDS
     summary = (
         "Synthetic movie-review language with a known gold reward: gold = clip(S - 2b - 2r - 0.25*excess, -1, 1), "
         "S = mean word sentiment of the response's grammatical sentences, b = share of unparseable sentences, "
@@ -191,19 +191,6 @@ class SentimentTask(Task):
                 )
             return self
 
-    def __init__(self, config: PluginConfig | None = None):
-        super().__init__(config)
-        self._cache: dict[tuple[str, str], list[Any]] = {}
-
-    def examples(self, kind: str, split: str = "train") -> list[Any]:
-        if kind not in KINDS:
-            raise ValueError(f"task 'sentiment' has no data kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-        if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r}; valid splits: train, test")
-        if (kind, split) not in self._cache:
-            self._cache[kind, split] = self._build(kind, split)
-        return list(self._cache[kind, split])
-
     def _build(self, kind: str, split: str) -> list[Any]:
         c, test = self.config, split == "test"
         if kind == "prompts":
@@ -223,23 +210,6 @@ class SentimentTask(Task):
             return rewarded_examples(prompts, samples, words)
         return critique_examples(prompts, samples, words)
 
-    def samples(self, split: str = "train") -> tuple[list[str], list[list[str]]]:
-        """The split's prompts and `samples_per_prompt` responses of the task's SFT policy to each,
-        read from the split's samples stage (`StageNotBuilt` when nothing built it yet)."""
-        if ("samples", split) not in self._cache:
-            prompts = self.examples("prompts", split)
-            samples = json.loads(stages.path(SAMPLES_STAGES[split], self).read_text())
-            self._cache["samples", split] = [prompts, samples]
-        prompts, samples = self._cache["samples", split]
-        return prompts, samples
-
-    def provides(self, kind: str) -> bool:
-        return kind in KINDS
-
-    def stages_for(self, kind: str) -> list[str]:
-        """Labelled data comes from the SFT samples of both splits (training reads the train split,
-        held-out evaluations the test split)."""
-        return list(SAMPLES_STAGES.values()) if kind in DERIVED_KINDS else []
 
     def judge_prompt(self, prompt: str, response: str) -> str:
         """The judge's prompt in the task's words (what its critiques are written for)."""

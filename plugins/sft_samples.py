@@ -3,7 +3,8 @@ prompts (`sft-samples` for the train prompts, `sft-samples-test` for the held-ou
 under the task's `seed`. Tasks with a gold reward (`sentiment`, `arithmetic`) derive their labelled
 data -- pairs, rankings, unpaired labels, rewarded samples -- from them: the task's `stages_for`
 names them for those kinds, so they are built before the task is asked for such examples, and the
-task's `examples` only reads them (`SAMPLES_STAGES[split]`).
+task's `examples` only reads them (`SAMPLES_STAGES[split]`). `SampleLabelledTask` is the base
+of such tasks.
 """
 
 from __future__ import annotations
@@ -15,10 +16,53 @@ from typing import Any
 from rlhfzoo import hookimpl, stages
 from rlhfzoo.errors import UserError
 from rlhfzoo.evaluation import sample
-from rlhfzoo.interfaces import Stage
+from rlhfzoo.interfaces import PluginConfig, Stage, Task
 from rlhfzoo.registry import registry
 
 SAMPLES_STAGES = {"train": "sft-samples", "test": "sft-samples-test"}  # split -> the stage of its samples
+
+
+class SampleLabelledTask(Task):
+    """Base of the tasks whose labelled data is derived from SFT samples by a gold reward
+    (`sentiment`, `arithmetic`): examples built once per (kind, split) by the subclass's `_build`
+    and cached; the derived kinds (`derived_kinds`) read the samples stages of both splits."""
+
+    kinds: tuple[str, ...] = ()  # every data kind the task provides
+    derived_kinds: tuple[str, ...] = ()  # those labelled from the SFT samples
+
+    def __init__(self, config: PluginConfig | None = None):
+        super().__init__(config)
+        self._cache: dict[tuple[str, str], list[Any]] = {}
+
+    def _build(self, kind: str, split: str) -> list[Any]:
+        raise NotImplementedError
+
+    def examples(self, kind: str, split: str = "train") -> list[Any]:
+        if kind not in self.kinds:
+            raise ValueError(f"task {self.name!r} has no data kind {kind!r}; valid kinds: {', '.join(self.kinds)}")
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; valid splits: train, test")
+        if (kind, split) not in self._cache:
+            self._cache[kind, split] = self._build(kind, split)
+        return list(self._cache[kind, split])
+
+    def samples(self, split: str = "train") -> tuple[list[str], list[list[str]]]:
+        """The split's prompts and `samples_per_prompt` responses of the task's SFT policy to each,
+        read from the split's samples stage (`StageNotBuilt` when nothing built it yet)."""
+        if ("samples", split) not in self._cache:
+            prompts = self.examples("prompts", split)
+            samples = json.loads(stages.path(SAMPLES_STAGES[split], self).read_text())
+            self._cache["samples", split] = [prompts, samples]
+        prompts, samples = self._cache["samples", split]
+        return prompts, samples
+
+    def provides(self, kind: str) -> bool:
+        return kind in self.kinds
+
+    def stages_for(self, kind: str) -> list[str]:
+        """Labelled data comes from the SFT samples of both splits (training reads the train split,
+        held-out evaluations the test split)."""
+        return list(SAMPLES_STAGES.values()) if kind in self.derived_kinds else []
 
 
 class SFTSamples(Stage):
