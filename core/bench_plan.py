@@ -92,8 +92,15 @@ def read_base(args, source: str) -> dict[str, Any]:
             raise BenchError(
                 f"cannot read --config {args.config}: {e.strerror or e}. Pass a YAML file with task/policy/reward/train sections."
             ) from None
-    base = apply_overrides(base, args.set or [])
     problems = []
+    for item in args.set or []:
+        key = item.split("=", 1)[0].strip()
+        if key.split(".", 1)[0] in IGNORED_SECTIONS:
+            problems.append((key, "the bench sets `algorithm` and `output_dir` per run, so `--set` cannot: give an algorithm's "
+                             "options with `--sweep algorithm.KEY=VALUE` (one value or several), its output with --out"))
+    if problems:
+        raise ConfigError(problems, source=source)
+    base = apply_overrides(base, args.set or [])
     for key in base:
         if key not in BENCH_SECTIONS and key not in IGNORED_SECTIONS:
             close = difflib.get_close_matches(str(key), BENCH_SECTIONS, n=1, cutoff=0.6)

@@ -283,6 +283,18 @@ def across_processes(values: dict[str, float], summed: tuple[str, ...] = (), dev
     return {k: v if k in summed else v / n for k, v in zip(keys, t.tolist())}
 
 
+def counts_across_processes(counts: dict[str, float], device: Any = None) -> dict[str, float]:
+    """`counts` summed over the processes, over the union of their keys (a key some process lacks
+    counts 0 there); every process must call it."""
+    if not distributed():
+        return dict(counts)
+    everyone: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, sorted(counts))  # the keys, in memory between the processes
+    keys = sorted(set().union(*everyone))
+    t = all_sum(torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device))
+    return {k: int(v) if float(v).is_integer() else v for k, v in zip(keys, t.tolist())}
+
+
 def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`masked_mean` over the masked entries of every process (each passes its own); no gradient."""
     mask = mask.to(x.dtype)

@@ -156,7 +156,8 @@ class HFPolicyConfig(PluginConfig):
 def build_rollout(policy: Policy, prompts: Sequence[str], ids: torch.Tensor, attn: torch.Tensor, gen: torch.Tensor) -> Rollout:
     """A Rollout from left-padded prompt ids/mask and the generated tokens: the response runs up
     to and including the first EOS; its log-probs are recomputed with the policy's training
-    forward, so the PPO ratio is exactly 1 on the first minibatch."""
+    forward (so the PPO ratio is exactly 1 on the first minibatch) when first read, which must
+    come before the policy's next update."""
     tok = policy.tokenizer
     gen = gen.cpu()
     is_eos = gen == tok.eos_token_id
@@ -172,9 +173,18 @@ def build_rollout(policy: Policy, prompts: Sequence[str], ids: torch.Tensor, att
         tok.decode(row[m.bool() & (row != tok.eos_token_id)].tolist(), skip_special_tokens=True).strip()
         for row, m in zip(gen, resp_mask)
     ]
-    device = next(policy.module.parameters()).device
-    lp = policy.logprobs(sequences.to(device), attention_mask.to(device)).float().cpu() * response_mask[:, 1:]
-    return Rollout(sequences, attention_mask, response_mask, lp, list(prompts), responses, finished)
+    module, training = policy.module, policy.module.training  # computed in the mode of now, when read later
+
+    def logprobs() -> torch.Tensor:
+        device, was = next(module.parameters()).device, module.training
+        module.train(training)
+        try:
+            with torch.no_grad():
+                return policy.logprobs(sequences.to(device), attention_mask.to(device)).float().cpu() * response_mask[:, 1:]
+        finally:
+            module.train(was)
+
+    return Rollout(sequences, attention_mask, response_mask, logprobs, list(prompts), responses, finished)
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ from rlhfzoo.config import RunConfig
 from rlhfzoo.counting_reward import CountingReward
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import Batch, Objective, Policy, RewardSource, Task
-from rlhfzoo.ops import across_processes, average_gradients, set_step_tokens
+from rlhfzoo.ops import across_processes, average_gradients, counts_across_processes, set_step_tokens
 from rlhfzoo.schedule import global_batch, lr_factor, peak_rss_mb, seed_everything  # noqa: F401  (part of this module's API)
 from rlhfzoo.training_errors import NonFiniteError, TrainingError  # noqa: F401  (re-exported)
 
@@ -366,7 +366,7 @@ class Trainer:
             if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.steps:
                 metrics.update(self.periodic_eval())
             if self.step % tr.log_every == 0 or self.step == tr.steps or any(k.startswith("eval/") for k in metrics):
-                row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **metrics}
+                row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "elapsed": time.time() - start, **metrics}
                 log.write(row)
                 if tr.report_to:
                     acc.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
@@ -427,6 +427,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         summary: dict[str, Any] = {"finished": True, "step": self.step, "train_seconds": seconds}
+        counters = counts_across_processes(self.policy.counters, device=acc.device)  # every process's budget
         if acc.is_main_process:
             if self.train.eval_prompts:
                 with self.evaluating():
@@ -435,7 +436,7 @@ class Trainer:
                         seed=self.train.seed, output_dir=str(self.out),
                     )
             summary["peak_rss_mb"] = peak_rss_mb()
-            summary["counters"] = dict(self.policy.counters)
+            summary["counters"] = counters
             summary["reward_source"] = self.reward.metrics() if self.reward is not None else {}
             self.check_weights(f"before saving the final policy at step {self.step}")
             tmp = self.out / ".policy.tmp"

@@ -100,7 +100,8 @@ def parse_verdict(text: str | None) -> str | None:
 # Spearman correlation with the gold reward over 300 held-out responses:
 #   lr 1e-3:  800 steps 0.12, 1200 0.69, 1600 0.75 (seed 1: 0.75), 2000 0.87 (seed 1: 0.88), 2400 0.84
 #   lr 2e-3:  800 steps 0.43, 1600 0.44 (too high: it settles on the majority verdicts)
-JUDGE_RECIPE: dict[str, Any] = {"steps": 2000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "cosine"}
+# (all cosine-decayed); at a constant lr 1e-3 the verdicts come by 1000 steps: 0.80-0.81, in half the time.
+JUDGE_RECIPE: dict[str, Any] = {"steps": 1000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "lr_schedule": "constant"}
 
 
 def judge_run_data(task: Any) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class GroupExperience:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     mask: torch.Tensor
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None  # None: one update per iteration, the loss's own log-probs detached are the same
     ref_logprobs: torch.Tensor | None
     advantages: torch.Tensor  # [B], one per sequence
     max_len: int  # the constant length budget of a response (dr-grpo's normaliser)
@@ -80,9 +80,10 @@ class GroupExperience:
     def batch(self, rows: torch.Tensor) -> Batch:
         rows = rows.to(self.sequences.device)
         extra: dict[str, Any] = {
-            "mask": self.mask[rows], "old_logprobs": self.old_logprobs[rows], "advantages": self.advantages[rows],
-            "max_len": self.max_len,
+            "mask": self.mask[rows], "advantages": self.advantages[rows], "max_len": self.max_len,
         }
+        if self.old_logprobs is not None:
+            extra["old_logprobs"] = self.old_logprobs[rows]
         if self.ref_logprobs is not None:
             extra["ref_logprobs"] = self.ref_logprobs[rows]
         seq = SequenceBatch(self.sequences[rows], self.attention_mask[rows], self.response_mask[rows])
@@ -147,6 +148,12 @@ class GroupObjective(Objective):
         """Samples per optimizer step on each process (None: all of them, one step per pass)."""
         return None
 
+    def needs_sampling_logprobs(self) -> bool:
+        """Whether the update reads the sampling policy's log-probs (a second forward pass over the
+        rollout). With one optimizer step per iteration and no KL in the reward it need not: the
+        policy has not moved since sampling, so the loss's own log-probs, detached, are the same."""
+        return self.passes() > 1 or self.minibatch_size() is not None
+
     # -------------------------------------------------------------------- hooks
     def samples_per_prompt(self) -> int:
         return self.config.group_size
@@ -164,13 +171,15 @@ class GroupObjective(Objective):
         resp = rollout.response_mask.to(device)
         mask = resp[:, 1:].float()
         B = ids.shape[0]
-        old = apply_mask(rollout.logprobs.to(device).float(), mask)  # the sampling policy's log-probs
+        old = None  # the sampling policy's log-probs, where the update reads them
+        if self.needs_sampling_logprobs():
+            old = apply_mask(rollout.logprobs.to(device).float(), mask)
         ref = None
         if reference is not None:
             ref = apply_mask(reference.logprobs(ids, attn).float(), mask)
         elif self.uses_reference():
             raise ValueError(f"{self.name}: this configuration has a KL term and needs the reference policy")
-        seq_kl = (old - ref).sum(-1) if ref is not None else None  # k1 summed: KL(pi || ref) per sequence
+        seq_kl = (old - ref).sum(-1) if ref is not None and old is not None else None  # k1 summed: KL(pi || ref) per sequence
 
         scores = rewards.to(device).float()
         adv, extra = self.advantages(scores, seq_kl)
@@ -186,9 +195,10 @@ class GroupObjective(Objective):
         max_len = int(getattr(getattr(policy, "config", None), "max_new_tokens", 0) or all_rows(resp.sum(-1).max().view(1)).max())
         # An idle sample (no loss token, advantage 0) for the steps this process has nothing left for.
         idle_extra: dict[str, Any] = {
-            "mask": torch.zeros_like(mask[:1]), "old_logprobs": old[:1], "advantages": torch.zeros_like(adv[:1]),
-            "max_len": max_len, "idle": True,
+            "mask": torch.zeros_like(mask[:1]), "advantages": torch.zeros_like(adv[:1]), "max_len": max_len, "idle": True,
         }
+        if old is not None:
+            idle_extra["old_logprobs"] = old[:1]
         if ref is not None:
             idle_extra["ref_logprobs"] = ref[:1]
         idle = Batch(SequenceBatch(ids[:1], attn[:1], resp[:1]), torch.zeros(1, dtype=torch.long), extra=idle_extra)
@@ -216,7 +226,7 @@ class GroupObjective(Objective):
             self.totals[key] += metrics[key]
         self.last_metrics = metrics
         return GroupExperience(
-            ids[rows], attn[rows], resp[rows], loss_mask[rows], old[rows], ref[rows] if ref is not None else None,
+            ids[rows], attn[rows], resp[rows], loss_mask[rows], old[rows] if old is not None else None, ref[rows] if ref is not None else None,
             adv[rows], max_len, idle, metrics,
         )
 

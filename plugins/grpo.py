@@ -158,7 +158,8 @@ class GRPO(GroupObjective):
         c, x = self.config, batch.extra
         seq = batch.sequences
         logprobs = policy.logprobs(seq.input_ids, seq.attention_mask)
-        mask, old, adv = x["mask"], x["old_logprobs"], x["advantages"]
+        mask, adv = x["mask"], x["advantages"]
+        old = x["old_logprobs"] if "old_logprobs" in x else logprobs.detach()  # one update per iteration: the same
         n_seq, n_tok = step_counts(batch)
         agg = dict(loss_type=c.loss_type, sequences=n_seq, tokens=n_tok, max_len=x["max_len"])
         pg = aggregate(clipped_surrogate(logprobs, old, adv, c.epsilon_low, c.epsilon_high), mask, **agg)
@@ -167,6 +168,8 @@ class GRPO(GroupObjective):
             kl = aggregate(kernels.token_kl(logprobs, x["ref_logprobs"], "k3"), mask, **agg)
             loss = loss + c.beta * kl
             metrics["kl_loss"] = kl.item()
+            if "old_logprobs" not in x:  # else the experience logged it from the sampling log-probs
+                metrics["kl"] = (masked_sum((logprobs - x["ref_logprobs"]).detach(), mask) / n_seq).item()  # k1 per sequence
         with torch.no_grad():  # token means over the whole step, like the loss's divisors
             log_ratio = apply_mask(logprobs - old, mask)
             ratio = torch.exp(log_ratio)

@@ -41,7 +41,9 @@ from pydantic import Field
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, UnpairedExample
 from rlhfzoo.ops import masked_mean
-from rlhfzoo.plugins._preference import ImplicitRewardEvaluation, PreferenceConfig, ReferenceCache, reference_logprobs, response_tokens
+from rlhfzoo.plugins._preference import (
+    ImplicitRewardEvaluation, PreferenceConfig, ReferenceCache, concat, reference_logprobs, response_tokens,
+)
 
 RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)  # w_d n_d / (w_u n_u), Sec. 4.2 of arXiv:2402.01306
 
@@ -162,7 +164,8 @@ class KTO(ImplicitRewardEvaluation, Objective):
             ref, ref_kl = self.cache.lookup("own", batch.index), self.cache.lookup("kl", batch.index)
         else:
             kl_seq = batch.kl_sequences
-            ref, ref_kl = reference_logprobs(reference, seq, avg), reference_logprobs(reference, kl_seq, avg)
+            both = reference_logprobs(reference, concat(seq, kl_seq), avg)  # one forward pass
+            ref, ref_kl = both[: len(batch)], both[len(batch) :]
         logratios = policy.sequence_logprobs(seq, average=avg).float() - ref
         with torch.no_grad():
             z0 = kto_kl_estimate(policy.sequence_logprobs(kl_seq, average=avg).float() - ref_kl)

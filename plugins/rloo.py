@@ -110,6 +110,9 @@ class RLOO(GroupObjective):
     def passes(self) -> int:
         return self.config.epochs
 
+    def needs_sampling_logprobs(self) -> bool:
+        return self.uses_reference() or self.config.clip_eps is not None or super().needs_sampling_logprobs()
+
     def minibatch_size(self) -> int | None:
         return self.config.minibatch_size
 
@@ -117,7 +120,8 @@ class RLOO(GroupObjective):
         c, x = self.config, batch.extra
         seq = batch.sequences
         logprobs = policy.logprobs(seq.input_ids, seq.attention_mask)
-        mask, old, adv = x["mask"], x["old_logprobs"], x["advantages"]
+        mask, adv = x["mask"], x["advantages"]
+        old = x["old_logprobs"] if "old_logprobs" in x else logprobs.detach()  # one update per iteration: the same
         n_seq, n_tok = step_counts(batch)
         seq_lp, old_seq = masked_sum(logprobs, mask, dim=-1), masked_sum(old, mask, dim=-1)
         loss = rloo_loss(seq_lp, old_seq, adv, c.clip_eps, sequences=n_seq)

@@ -7,7 +7,7 @@ re-exports them beside the interfaces that use them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -170,7 +170,10 @@ class Rollout:
     attention_mask: [B, P + R] 1 on real tokens.
     response_mask: [B, P + R] 1 on generated tokens up to and including EOS.
     logprobs: [B, P + R - 1] log-probs of token t+1 given the prefix up to t under the sampling
-        distribution (0 outside the response), aligned like `Policy.logprobs`.
+        distribution (0 outside the response), aligned like `Policy.logprobs`. A policy may give
+        a function instead of the tensor: it is then computed on first read (an objective that
+        never reads it -- GRPO with one update per iteration -- saves a forward pass). Read it
+        before the policy's next update.
     prompts: the prompts as given (text or `Chat`); responses: the generated texts.
     finished: [B] bool, whether the response ended with EOS (not cut at max length).
     """
@@ -178,10 +181,23 @@ class Rollout:
     sequences: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor  # or a function computing it: see the class docstring
     prompts: list[Text]
     responses: list[str]
     finished: torch.Tensor
+
+
+def _rollout_logprobs(self: Rollout) -> torch.Tensor:
+    if not isinstance(self._logprobs, torch.Tensor):
+        self._logprobs = self._logprobs()
+    return self._logprobs
+
+
+def _set_rollout_logprobs(self: Rollout, value: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+    self._logprobs = value
+
+
+Rollout.logprobs = property(_rollout_logprobs, _set_rollout_logprobs)  # a field computed on first read
 
 
 @dataclass

@@ -100,7 +100,7 @@ def sft(out: Path) -> None:
     t.optimizer.step = step
     t.fit(overwrite=True)
     torch.save(grads[0], out / f"grad-rank{t.rank}.pt")
-    save(t, out)
+    save(t, out, counters=dict(t.policy.counters))
 
 
 def ilql(out: Path) -> None:

@@ -45,6 +45,16 @@ def test_a_bad_set_is_reported_in_full_before_any_run(tmp_path):
     assert not tmp_path.joinpath("runs").exists()
 
 
+def test_set_of_the_algorithm_section_is_refused_not_ignored(tmp_path):
+    """`--set algorithm.beta=...` used to be dropped silently (the bench builds each run's algorithm
+    section itself); it is an error that names `--sweep`, the way to give an algorithm's option."""
+    with pytest.raises(UserError, match=r"algorithm\.beta.*--sweep algorithm\.KEY=VALUE"):
+        plan(parse("--algorithms", "dpo", "--set", "algorithm.beta=0.5", out=tmp_path))
+    with pytest.raises(UserError, match="output_dir"):
+        plan(parse("--algorithms", "dpo", "--set", "output_dir=x", out=tmp_path))
+    assert not tmp_path.joinpath("runs").exists()
+
+
 def test_bad_task_options_are_a_user_error_without_algorithms(tmp_path):
     with pytest.raises(UserError, match="task.bogus"):
         plan(parse("--set", "task.bogus=1", out=tmp_path))

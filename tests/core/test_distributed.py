@@ -64,6 +64,9 @@ def test_llama_run_with_periodic_and_final_evaluation_finishes(runs):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "eval/gold" in rows[0]  # eval_every: 1, on step 1 (not on the last, which the final evaluation covers)
     assert_same_weights(run)
+    a, b = (r["counters"] for r in ranks(run, "results"))  # the budget is every process's, not rank 0's
+    assert a["train_tokens"] > 0 and b["train_tokens"] > 0
+    assert summary["counters"]["train_tokens"] == a["train_tokens"] + b["train_tokens"]
 
 
 def test_two_processes_compute_the_gradient_of_one_process(runs, tmp_path):

@@ -25,7 +25,7 @@ from rlhfzoo.interfaces import Batch, SequenceBatch
 from rlhfzoo.ops import masked_mean, set_step_tokens, step_denominator
 from rlhfzoo.plugins.group_relative import GroupExperience
 from rlhfzoo.plugins.sentiment import SentimentTask, continue_review
-from rlhfzoo.testing import TINY_POLICY
+from rlhfzoo.testing import TINY_POLICY, DistinctScores
 from rlhfzoo.trainer import Trainer, global_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,7 +77,9 @@ def online_batches(trainer: Trainer):
     prompts = [trainer.data[i] for i in global_batch(len(trainer.data), ROWS // k, 0, trainer.train.seed) for _ in range(k)]
     torch.manual_seed(0)
     rollout = trainer.policy.generate(prompts)
-    rewards = trainer.reward.score(rollout.prompts, rollout.responses)
+    # The gold reward of a scratch policy's samples ties within groups (GRPO, RLOO: no advantage but
+    # rounding noise); the hash term of `DistinctScores` sets them apart.
+    rewards = DistinctScores(trainer.reward).score(rollout.prompts, rollout.responses)
     experience = trainer.objective.make_experience(rollout, rewards, trainer.policy, trainer.reference)
     if isinstance(experience, SequenceBatch):  # rejection sampling: the kept responses
         assert len(experience) == ROWS

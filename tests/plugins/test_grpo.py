@@ -3,6 +3,7 @@ type, asymmetric clipping on both sides, sequences of unequal lengths), gradchec
 experience of `rlhfzoo.plugins.group_relative` (consecutive groups, dynamic sampling, truncated
 completions, the reference freed at beta 0, exact gradient accumulation, idle iterations)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -140,7 +141,7 @@ def test_rollout_must_hold_consecutive_groups(parts):
     policy, rollout = parts
     obj = GRPO(GRPO.Config(group_size=4))
     shuffled = [rollout.prompts[i] for i in (0, 4, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11)]
-    bad = type(rollout)(**{**vars(rollout), "prompts": shuffled})
+    bad = dataclasses.replace(rollout, prompts=shuffled)
     with pytest.raises(ValueError, match="4 consecutive samples of each prompt"):
         obj.make_experience(bad, torch.zeros(12), policy, None)
     with pytest.raises(ValueError, match="consecutive"):
@@ -205,11 +206,42 @@ def test_truncated_completions_get_no_loss(parts):
     policy, rollout = parts
     finished = torch.ones(12, dtype=torch.bool)
     finished[[1, 5]] = False
-    cut = type(rollout)(**{**vars(rollout), "finished": finished})
+    cut = dataclasses.replace(rollout, finished=finished)
     obj = GRPO(GRPO.Config(group_size=4, mask_truncated_completions=True))
     exp = obj.make_experience(cut, torch.arange(12.0), policy, None)
     assert exp.mask[[1, 5]].sum() == 0 and torch.equal(exp.mask[0], rollout.response_mask[0, 1:].float())
     assert obj.after_iteration({})["truncated_rate"] == pytest.approx(2 / 12)
+
+
+@pytest.mark.parametrize("objective, reads", [
+    (GRPO(GRPO.Config(group_size=4)), False), (GRPO(GRPO.Config(group_size=4, mu=2)), True),
+    (GRPO(GRPO.Config(group_size=4, minibatch_size=4)), True), (RLOO(RLOO.Config(group_size=4, kl_coef=0.0)), False),
+    (RLOO(RLOO.Config(group_size=4, kl_coef=0.0, clip_eps=0.2)), True),
+])
+def test_sampling_logprobs_are_computed_only_where_the_update_reads_them(parts, objective, reads):
+    """With one optimizer step per iteration (and no KL in RLOO's reward) the sampling log-probs are
+    the loss's own, detached: the rollout's lazy log-probs are never computed (a forward pass
+    saved), and the loss and its gradient are those computed with them."""
+    policy, rollout = parts
+    calls = []
+    lazy = dataclasses.replace(rollout, logprobs=lambda: calls.append(1) or rollout.logprobs)
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 1, 0, 0.5, 0, 0])
+    exp = objective.make_experience(lazy, rewards, policy, None)
+    assert bool(calls) == reads and (exp.old_logprobs is not None) == reads
+    if reads:
+        return
+    batch = next(iter(objective.minibatches(exp, policy)))[0]
+    grads = []
+    for extra in ({}, {"old_logprobs": rollout.logprobs[batch.index]}):
+        batch.extra.update(extra)
+        policy.model.zero_grad(set_to_none=True)
+        out = objective.loss(batch, policy)
+        out.loss.backward()
+        grads.append((out.loss.item(), [p.grad.clone() for p in policy.parameters() if p.grad is not None]))
+    policy.model.zero_grad(set_to_none=True)
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert loss_a == pytest.approx(loss_b, abs=1e-6) and len(grad_a) == len(grad_b) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grad_a, grad_b))
 
 
 def test_steps_per_iteration(parts):

@@ -2,8 +2,9 @@
 
 sentiment: each of `configs/{dpo,ipo,kto}.yaml` (its own training budget; only the output
 directory, the seed and the number of held-out prompts changed) starts from the task's cached SFT
-policy and is trained with three seeds. The mean over the seeds of (gold of the trained policy -
-gold of the SFT policy, same prompts and sampling seed) must exceed three standard errors, both
+policy and is trained with three seeds (KTO, whose gains are larger: two). The mean over the
+seeds of (gold of the trained policy - gold of the SFT policy, same prompts and sampling seed)
+must exceed three standard errors, both
 measured with `rlhfzoo.evaluation.evaluate` on 400 held-out prompts, with the KL to the reference
 finite. Three seeds, not one: measured 2026-11-22, the gains of one seed vary by a factor of ~1.5
 (DPO +0.120 / +0.082 / +0.091, IPO +0.073 / +0.122 / +0.122, KTO +0.132 / +0.208 / +0.178), so a
@@ -42,6 +43,8 @@ def quiet(*_):
 
 
 SEEDS = (0, 1, 2)
+# KTO's gains are twice the others' (2026-11-30, two seeds: +0.181 / +0.151, 6.4 SE): two seeds suffice.
+SEEDS_OF = {"dpo": SEEDS, "ipo": SEEDS, "kto": SEEDS[:2]}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def sft_gold():
 def test_raises_gold_reward_over_sft(name, sft_gold, tmp_path):
     gains, variances, lines = [], [], []
     start = time.time()
-    for seed in SEEDS:
+    for seed in SEEDS_OF[name]:
         out = tmp_path / f"{name}-{seed}"
         cfg = load_config(CONFIGS / f"{name}.yaml", [*HELD_OUT, f"train.seed={seed}", f"output_dir={out}"])
         assert cfg.policy.to_dict()["init"] == "sft" and cfg.algorithm.to_dict()["reference"] == "cached"
