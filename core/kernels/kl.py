@@ -15,13 +15,6 @@ Gradients::
 
     d KL / d logits     = p * (log p - log q - KL) / T
     d KL / d ref_logits = (q - p) / T
-
-Masked vocabularies (``-inf`` logits): a token with ``p_v = 0`` adds 0 (also
-where ``q_v = 0``: ``0 log(0/0) = 0``); a token with ``p_v > 0 = q_v`` makes
-the KL ``+inf``, and then the gradient w.r.t. ``logits`` is NaN (an infinite
-loss has none) while the one w.r.t. ``ref_logits`` is still ``(q - p) / T``,
-like eager PyTorch.  A row of only ``-inf`` logits on either side gives NaN.
-Rows whose upstream gradient is 0 get exactly-0 gradients even then.
 """
 from __future__ import annotations
 
@@ -57,21 +50,21 @@ class _VocabKL(torch.autograd.Function):
         N = lead.numel()
         acc = acc_dtype(logits.dtype)
         kl = torch.empty(N, dtype=acc, device=logits.device)
-        # per side: a shift (row maximum) and the log-sum-exp relative to it
-        stats = torch.empty(4, N, dtype=acc, device=logits.device)
+        lse_p = torch.empty_like(kl)
+        lse_q = torch.empty_like(kl)
         inv_temp = 1.0 / temperature
         if N > 0:
             for off, xs, ys in paired_row_segments(logits, ref_logits):
                 r = slice(off, off + xs.shape[0])
-                impl.kl_fwd(xs, ys, inv_temp, kl[r], *(row[r] for row in stats))
-        ctx.save_for_backward(logits, ref_logits, stats, kl)
+                impl.kl_fwd(xs, ys, inv_temp, kl[r], lse_p[r], lse_q[r])
+        ctx.save_for_backward(logits, ref_logits, lse_p, lse_q, kl)
         ctx.inv_temp, ctx.impl = inv_temp, impl
         return kl.view(lead)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        logits, ref_logits, stats, kl = ctx.saved_tensors
+        logits, ref_logits, lse_p, lse_q, kl = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         V = logits.shape[-1]
         dx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if need_x else None
@@ -81,7 +74,7 @@ class _VocabKL(torch.autograd.Function):
         g = g.reshape(-1)
         for off, xs, ys in paired_row_segments(logits, ref_logits):
             r = slice(off, off + xs.shape[0])
-            ctx.impl.kl_bwd(xs, ys, *(row[r] for row in stats), kl[r], g[r], ctx.inv_temp,
+            ctx.impl.kl_bwd(xs, ys, lse_p[r], lse_q[r], kl[r], g[r], ctx.inv_temp,
                             dx2[r] if need_x else None, dy2[r] if need_y else None)
         return dx, dy, None, None
 
@@ -98,9 +91,7 @@ def vocab_kl(
     ``logits`` and ``ref_logits`` are ``[..., V]`` of any float dtype/layout
     (same shape).  Returns fp32 (fp64 for fp64 logits) ``[...]``, clamped to
     ``>= 0``, differentiable w.r.t. both inputs (pass a detached
-    ``ref_logits`` to skip its gradient).  ``-inf`` logits are allowed: ``+inf``
-    where the policy gives mass to a token the reference masks, NaN for a row
-    of only ``-inf`` (see the module docstring).
+    ``ref_logits`` to skip its gradient).
     """
     if logits.shape != ref_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ in shape")

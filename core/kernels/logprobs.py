@@ -6,25 +6,14 @@
 
 * forward: one pass over each row with a log-sum-exp (online in Triton,
   cache-blocked in PyTorch), accumulated in fp32 even for bf16/fp16 logits;
-  only two numbers per row are saved besides the logits themselves: a shift
-  near the top of the row (its maximum, or the rounded log-sum-exp) and the
-  log-sum-exp relative to it - never the log-sum-exp alone, whose fp32
-  rounding at large logits would be a relative error of every recomputed
-  probability (see ``_torch_impl.py``);
+  only the per-row ``lse`` is saved besides the logits themselves;
 * backward: ``d logprob_t / d logits = (onehot(t) - softmax(logits / T)) / T``
   (the negative of the familiar cross-entropy gradient ``softmax - onehot``)
-  times the incoming gradient, recomputed tile by tile from those two numbers
-  and written straight into a gradient tensor of the logits' dtype.
+  times the incoming gradient, recomputed tile by tile from ``lse`` and
+  written straight into a gradient tensor of the logits' dtype.
 
 ``entropy(logits)`` shares the machinery:
 ``H = lse - sum_v p_v z_v`` and ``dH/dz = -p (log p + H)``.
-
-Masked vocabularies: a ``-inf`` logit has probability 0, adds 0 to the
-entropy (``0 * log 0 = 0``) and gets a 0 gradient.  A row whose logits are all
-``-inf`` has no distribution: its log-prob (unless the target is
-``ignore_index``) and entropy are NaN, as with ``torch.log_softmax``.  A row
-whose upstream gradient is 0 gets an exactly-0 gradient even then, so a
-position masked out with ``torch.where`` never turns the batch's gradient NaN.
 """
 from __future__ import annotations
 
@@ -43,8 +32,7 @@ class _TokenStats(torch.autograd.Function):
         acc = acc_dtype(logits.dtype)
         N = lead.numel()
         flat_t = targets.reshape(-1) if want_lp else None
-        shift = torch.empty(N, dtype=acc, device=logits.device)
-        rel = torch.empty(N, dtype=acc, device=logits.device)  # log-sum-exp minus shift
+        lse = torch.empty(N, dtype=acc, device=logits.device)
         lp = torch.empty(N, dtype=acc, device=logits.device) if want_lp else None
         ent = torch.empty(N, dtype=acc, device=logits.device) if want_ent else None
         inv_temp = 1.0 / temperature
@@ -53,9 +41,9 @@ class _TokenStats(torch.autograd.Function):
                 r = slice(off, off + seg.shape[0])
                 impl.stats_fwd(
                     seg, flat_t[r] if want_lp else None, inv_temp, ignore_index,
-                    lp[r] if want_lp else None, rel[r], ent[r] if want_ent else None, shift[r],
+                    lp[r] if want_lp else None, lse[r], ent[r] if want_ent else None,
                 )
-        ctx.save_for_backward(logits, flat_t, shift, rel, ent)
+        ctx.save_for_backward(logits, flat_t, lse, ent)
         ctx.inv_temp, ctx.ignore_index, ctx.impl = inv_temp, ignore_index, impl
         ctx.set_materialize_grads(False)
         outs = []
@@ -68,7 +56,7 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        logits, flat_t, shift, rel, ent = ctx.saved_tensors
+        logits, flat_t, lse, ent = ctx.saved_tensors
         it = iter(grads)
         g_lp = next(it) if flat_t is not None else None
         g_ent = next(it) if ent is not None else None
@@ -81,10 +69,10 @@ class _TokenStats(torch.autograd.Function):
         for off, seg in row_segments(logits):
             r = slice(off, off + seg.shape[0])
             ctx.impl.stats_bwd(
-                seg, flat_t[r] if flat_t is not None else None, rel[r],
+                seg, flat_t[r] if flat_t is not None else None, lse[r],
                 ent[r] if ent is not None else None,
                 g_lp[r] if g_lp is not None else None, g_ent[r] if g_ent is not None else None,
-                ctx.inv_temp, ctx.ignore_index, grad2d[r], shift[r],
+                ctx.inv_temp, ctx.ignore_index, grad2d[r],
             )
         return grad, None, None, None, None, None, None
 
@@ -117,8 +105,7 @@ def logprobs(
 
     Returns:
         fp32 tensor shaped like ``targets`` (fp64 for fp64 logits), every
-        entry ``<= 0`` (``-inf`` for a ``-inf`` target logit; NaN for a row of
-        only ``-inf`` logits), differentiable w.r.t. ``logits``.
+        entry ``<= 0``, differentiable w.r.t. ``logits``.
     """
     _check_logits(logits)
     if targets.shape != logits.shape[:-1]:
@@ -138,8 +125,6 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0, *, backend: str = "a
 
     Same dtype/layout handling and backends as :func:`logprobs`; returns fp32
     (fp64 for fp64 logits) shaped ``logits.shape[:-1]``, differentiable.
-    ``-inf`` logits (masked vocabularies) contribute 0; a row of only ``-inf``
-    logits gives NaN (see the module docstring).
     """
     _check_logits(logits)
     temperature = check_temperature(temperature)
