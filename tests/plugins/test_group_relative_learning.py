@@ -37,6 +37,17 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 N_PROMPTS, SEED = 200, 0
 
 
+def train(config: str, out: Path):
+    """configs/<config>.yaml trained into `out` (no evaluation of its own): (config, trainer in eval mode, seconds)."""
+    cfg = load_config(CONFIGS / f"{config}.yaml", [f"output_dir={out}", "train.eval_prompts=0", "train.progress=false"])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    start = time.time()
+    trainer.fit(overwrite=True)
+    seconds = time.time() - start
+    trainer.policy.model.eval()
+    return cfg, trainer, seconds
+
+
 @pytest.fixture(scope="module")
 def sft_eval():
     task = SentimentTask()
@@ -49,12 +60,7 @@ def sft_eval():
 @pytest.mark.parametrize("config", ["grpo", "rloo"])
 def test_raises_held_out_gold_over_sft(config, sft_eval, tmp_path):
     out = tmp_path / config
-    cfg = load_config(CONFIGS / f"{config}.yaml", [f"output_dir={out}", "train.eval_prompts=0", "train.progress=false"])
-    trainer = Trainer(cfg, log=lambda *_: None)
-    start = time.time()
-    trainer.fit(overwrite=True)
-    seconds = time.time() - start
-    trainer.policy.model.eval()
+    cfg, trainer, seconds = train(config, out)
     after = evaluate(trainer.policy, trainer.task, reference=trainer.reference_for_eval(), n_prompts=N_PROMPTS, seed=SEED)
     before = sft_eval
     gain = after["gold"] - before["gold"]
@@ -82,12 +88,7 @@ ARITHMETIC_PROMPTS = 500
 @pytest.mark.parametrize("config", ["grpo-arithmetic", "rloo-arithmetic"])
 def test_raises_held_out_accuracy_on_arithmetic(config, arithmetic_sft, tmp_path):
     out = tmp_path / config
-    cfg = load_config(CONFIGS / f"{config}.yaml", [f"output_dir={out}", "train.eval_prompts=0", "train.progress=false"])
-    trainer = Trainer(cfg, log=lambda *_: None)
-    start = time.time()
-    trainer.fit(overwrite=True)
-    seconds = time.time() - start
-    trainer.policy.model.eval()
+    cfg, trainer, seconds = train(config, out)
     after, before = evaluate(trainer.policy, trainer.task, n_prompts=ARITHMETIC_PROMPTS, seed=SEED), arithmetic_sft
     assert after["n"] == before["n"] == ARITHMETIC_PROMPTS
     gain = after["accuracy"] - before["accuracy"]
