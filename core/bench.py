@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -62,6 +61,7 @@ from rlhfzoo.bench_plan import (  # noqa: F401  (BenchError, RunSpec, BASELINE a
     stages_needed,
 )
 from rlhfzoo.bench_runs import RunLock, die_with_parent, execute, read_spec, same_spec  # noqa: F401
+from rlhfzoo.bench_report import machine, markdown, plot_curves, plot_frontier  # noqa: F401  (the outputs)
 from rlhfzoo.bench_stats import aggregate, bradley_terry, mean_ci, win_rate  # noqa: F401
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import BenchProtocol
@@ -162,132 +162,6 @@ def evaluate_row(spec: RunSpec, bench: BenchProtocol, policy, task, reward, cfg,
     out["generate_tokens_per_second"] = tokens / max(out["eval_seconds"], 1e-9)
     (Path(spec.directory) / "responses.json").write_text(json.dumps(record))
     return out
-
-
-# ------------------------------------------------------------------------------------ outputs
-
-
-def fmt(stat: dict | None, digits: int = 3) -> str:
-    if not stat:
-        return "–"
-    m, ci = stat["mean"], stat.get("ci95", float("nan"))
-    spread = ci if not math.isnan(ci) else 1.96 * stat.get("prompt_se", stat.get("pair_se", float("nan")))
-    return f"{m:.{digits}f} ± {spread:.{digits}f}" if not math.isnan(spread) else f"{m:.{digits}f}"
-
-
-def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        f"# rlhfzoo bench — task `{meta['task']}`",
-        "",
-        f"{meta['date']}, {meta['machine']}; command: `{meta['command']}`",
-        "",
-        "Gold, proxy and KL: mean over seeds ± 95 % CI (one seed: ± 1.96 prompt-level SE). Win rate: share of held-out "
-        "prompts whose gold reward beats the SFT policy's response (ties half). Elo: Bradley–Terry fit of all pairwise gold win rates. "
-        "Pair acc.: share of the task's held-out preference pairs ordered as labelled (ties half) by the implicit reward "
-        "log pi/pi_ref (preference objectives) or the reward model's score, mean over seeds ± 95 % CI (one seed: ± 1.96 pair-level SE).",
-        "",
-        "| algorithm | gold | proxy | KL | pair acc. | win vs SFT | Elo | optimizer steps | generated tokens | RM calls | train s | peak MiB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        b = r.get("budget", {})
-        wr = f"{r['win_rate_vs_sft']:.2f}" if "win_rate_vs_sft" in r else "–"
-        elo = f"{r['elo']:.0f}" if r.get("elo") is not None else "–"
-        ts = f"{r['train_seconds']['mean']:.0f}" if "train_seconds" in r else "–"
-        mem = f"{r['peak_rss_mb']['mean']:.0f}" if "peak_rss_mb" in r else "–"
-        lines.append(
-            f"| {r['algorithm']} | {fmt(r.get('gold'))} | {fmt(r.get('proxy'))} | {fmt(r.get('kl'), 2)} | {fmt(r.get('pair_accuracy'))} | {wr} | {elo} | "
-            f"{b.get('optimizer_steps', 0):.0f} | {b.get('generated_tokens', 0):.0f} | {b.get('reward_calls', 0):.0f} | {ts} | {mem} | {r['status']} |"
-        )
-    failed = [r for r in rows if r.get("errors")]
-    if failed:
-        lines += ["", "Failures:"] + [f"- {r['algorithm']}: {e}" for r in failed for e in r["errors"]]
-    return "\n".join(lines) + "\n"
-
-
-def plot_frontier(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if r.get("gold") and r.get("kl"):
-            groups.setdefault(r["name"] if r["kind"] == "objective" else r["algorithm"], []).append(r)
-    for name, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["kl"]["mean"])
-        xs = [r["kl"]["mean"] for r in rs]
-        ys = [r["gold"]["mean"] for r in rs]
-        err = [r["gold"].get("ci95") if not math.isnan(r["gold"].get("ci95", float("nan"))) else 1.96 * r["gold"]["prompt_se"] for r in rs]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name, linestyle="-" if len(rs) > 1 else "none")
-    ax.set_xlabel("KL(policy || SFT reference), nats per response")
-    ax.set_ylabel("held-out gold reward")
-    ax.set_title("Gold reward against KL (over-optimisation frontier)")
-    ax.grid(alpha=0.3)
-    if groups:
-        ax.legend(fontsize=8)
-    else:  # e.g. hh-rlhf: human labels, no gold reward to plot
-        ax.text(0.5, 0.5, "no gold reward on this task", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_curves(specs: list[RunSpec], results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    curves: dict[str, dict[str, dict[int, list[float]]]] = {}
-    for spec, res in zip(specs, results):
-        f = Path(spec.directory) / "train" / "metrics.jsonl"
-        if spec.kind != "objective" or res.get("status") != "ok" or not f.exists():
-            continue
-        for line in f.read_text().splitlines():
-            row = json.loads(line)
-            for key in ("gold", "proxy"):
-                if f"eval/{key}" in row:
-                    curves.setdefault(spec.label, {}).setdefault(key, {}).setdefault(row["step"], []).append(row[f"eval/{key}"])
-        final = res.get("objective_eval", {})
-        for key in ("gold", "proxy"):
-            if key in final:
-                steps = res.get("budget", {}).get("optimizer_steps", 0)
-                curves.setdefault(spec.label, {}).setdefault(key, {}).setdefault(int(steps), []).append(final[key])
-    for ax, key in zip(axes, ("gold", "proxy")):
-        for label, c in curves.items():
-            if key in c:
-                steps = sorted(c[key])
-                ax.plot(steps, [sum(c[key][s]) / len(c[key][s]) for s in steps], marker=".", label=label)
-        ax.set_xlabel("optimizer step (online: iteration)")
-        ax.set_ylabel(f"held-out {key} reward")
-        ax.set_title(f"{key} reward during training")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def machine() -> str:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 # ------------------------------------------------------------------------------------ command line
