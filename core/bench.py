@@ -133,9 +133,7 @@ def worker(spec: RunSpec) -> int:
 def evaluate_row(spec: RunSpec, bench: BenchProtocol, policy, task, reward, cfg, reference) -> dict[str, Any]:
     """Sample the row's policy on the held-out prompts (unless its output is a scorer) and write the
     per-prompt gold, proxy and KL to responses.json; an inference-time row's budget is this evaluation."""
-    import torch
-
-    from rlhfzoo.evaluation import sample, sequence_kl
+    from rlhfzoo.evaluation import response_kls, sample
 
     out: dict[str, Any] = {}
     eval_start = time.time()
@@ -153,7 +151,7 @@ def evaluate_row(spec: RunSpec, bench: BenchProtocol, policy, task, reward, cfg,
         if bench.kl == "analytic":
             record["kl"] = [float(policy.analytic_kl())] * len(responses)
         else:
-            record["kl"] = torch.cat([sequence_kl(policy, reference, ro) for ro in rollouts]).tolist()
+            record["kl"] = response_kls(policy, reference, rollouts).tolist()
     if spec.kind == "policy":  # inference-time methods: their budget is the evaluation itself
         counters = dict(policy.counters)
         out["budget"] = {"optimizer_steps": 0, "batch_size": 0, "reward_calls": counters.get("reward_calls", 0), **counters}

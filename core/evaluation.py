@@ -39,6 +39,17 @@ def sequence_kl(policy: Policy, reference: Policy, rollout) -> torch.Tensor:
     return ((rollout.logprobs - ref) * mask).sum(-1)
 
 
+@torch.no_grad()
+def response_kls(policy: Policy, reference: Policy, rollouts: Sequence[Any]) -> torch.Tensor:
+    """KL(policy || reference) per response. An inference-time policy that samples through a base
+    (best-of-n: `kl_reference()` is that base) hands out the base's log-probs with its samples, so
+    the sampled estimate would read 0: its closed form (`Policy.analytic_kl`) stands instead."""
+    if policy.kl_reference() is not policy:
+        n = sum(len(ro.responses) for ro in rollouts)
+        return torch.full((n,), float(policy.analytic_kl()), dtype=torch.float64)
+    return torch.cat([sequence_kl(policy, reference, ro) for ro in rollouts])
+
+
 def evaluate(
     policy: Policy,
     task: Task,
@@ -56,8 +67,7 @@ def evaluate(
     if reward is not None:
         out["proxy"], out["proxy_se"] = mean_and_se(reward.score(prompts, responses).tolist())
     if reference is not None:
-        kl = torch.cat([sequence_kl(policy, reference, ro) for ro in rollouts])
-        out["kl"], out["kl_se"] = mean_and_se(kl.tolist())
+        out["kl"], out["kl_se"] = mean_and_se(response_kls(policy, reference, rollouts).tolist())
     lengths = torch.cat([ro.response_mask.sum(-1) for ro in rollouts]).float()
     out["response_tokens"] = lengths.mean().item()
     out["finished_rate"] = torch.cat([ro.finished for ro in rollouts]).float().mean().item()

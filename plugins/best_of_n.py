@@ -173,7 +173,10 @@ class BestOfN(Policy):
         return self.base
 
     def analytic_kl(self) -> float:
-        """KL(best-of-N || base) = log N - (N - 1) / N (exact for continuous rewards without ties)."""
+        """KL(best-of-N || base) <= log N - (N - 1) / N per prompt (Stiennon et al. 2020's formula).
+        An upper bound (Beirami et al. 2024): exact only when no single response has appreciable
+        probability under the base; with repeated responses (a peaked base, short answers) or tied
+        rewards the true KL is smaller."""
         n = self.config.n
         return math.log(n) - (n - 1) / n
 
