@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, meta)
     (out / "leaderboard.md").write_text(md)
     plot_frontier(rows, out / "frontier.png")
-    plot_curves(specs, results, out / "curves.png")
+    plot_curves(specs, results, rows, out / "curves.png")
     print(md)
     print(f"outputs in {out}: leaderboard.json, leaderboard.md, frontier.png, curves.png")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

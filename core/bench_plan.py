@@ -319,7 +319,8 @@ def plan(args) -> list[RunSpec]:
                 else:
                     train = {**DEFAULT_TRAIN, **bench.train, **train_base}
                     train.update(seed=seed, eval_prompts=args.eval_prompts, progress=False)
-                    train.setdefault("eval_every", max(1, train["steps"] // 4) if isinstance(train["steps"], int) else 1)
+                    if bench.evaluation == "sampled":  # learning curves; a scorer (reward model) is not sampled from
+                        train.setdefault("eval_every", max(1, train["steps"] // 4) if isinstance(train["steps"], int) else 1)
                     algorithm = {"name": name, **bench.options}
                     cfg = {"task": task, "policy": policy, "algorithm": algorithm, "train": train, "output_dir": str(Path(d) / "train")}
                     if (entry.cls.online or entry.cls.needs_reward) and reward:

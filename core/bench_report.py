@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from rlhfzoo.bench_plan import RunSpec
+from rlhfzoo.bench_plan import RunSpec, protocol
 
 
 def fmt(stat: dict | None, digits: int = 3) -> str:
@@ -79,39 +79,70 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(specs: list[RunSpec], results: list[dict], path: Path) -> None:
+def training_curves(specs: list[RunSpec], results: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per row and figure (gold, proxy): the held-out evaluations during training against
+    wall-clock seconds since training started (`elapsed` in metrics.jsonl; the final evaluation at
+    the run's train seconds), averaged over seeds evaluation by evaluation. Wall-clock is the one
+    axis every row shares: optimizer steps of an offline objective and iterations of an online one
+    are not comparable quantities. Rows whose output is a scorer (reward models) have no such curve."""
+    per_seed: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
+    for spec, res in zip(specs, results):
+        f = Path(spec.directory) / "train" / "metrics.jsonl"
+        if spec.kind != "objective" or res.get("status") != "ok" or not f.exists() or protocol("objective", spec.name).evaluation != "sampled":
+            continue
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        final = res.get("objective_eval", {})
+        for key in ("gold", "proxy"):
+            points = [(row["elapsed"], row[f"eval/{key}"]) for row in rows if f"eval/{key}" in row and "elapsed" in row]
+            if key in final:
+                points.append((res.get("train_seconds", points[-1][0] if points else 0.0), final[key]))
+            if points:
+                per_seed.setdefault(spec.label, {}).setdefault(key, []).append(points)
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for label, figures in per_seed.items():
+        for key, seeds in figures.items():
+            n = min(len(p) for p in seeds)
+            curves.setdefault(label, {})[key] = [
+                (sum(p[i][0] for p in seeds) / len(seeds), sum(p[i][1] for p in seeds) / len(seeds)) for i in range(n)
+            ]
+    return curves
+
+
+def plot_curves(specs: list[RunSpec], results: list[dict], rows: list[dict], path: Path) -> None:
+    """Gold and proxy reward during training against wall-clock seconds (policies), and beside them
+    the reward models' held-out pair accuracy against their training seconds: a scorer's accuracy is
+    not a policy's reward, so it gets its own panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    curves: dict[str, dict[str, dict[int, list[float]]]] = {}
-    for spec, res in zip(specs, results):
-        f = Path(spec.directory) / "train" / "metrics.jsonl"
-        if spec.kind != "objective" or res.get("status") != "ok" or not f.exists():
-            continue
-        for line in f.read_text().splitlines():
-            row = json.loads(line)
-            for key in ("gold", "proxy"):
-                if f"eval/{key}" in row:
-                    curves.setdefault(spec.label, {}).setdefault(key, {}).setdefault(row["step"], []).append(row[f"eval/{key}"])
-        final = res.get("objective_eval", {})
-        for key in ("gold", "proxy"):
-            if key in final:
-                steps = res.get("budget", {}).get("optimizer_steps", 0)
-                curves.setdefault(spec.label, {}).setdefault(key, {}).setdefault(int(steps), []).append(final[key])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    curves = training_curves(specs, results)
     for ax, key in zip(axes, ("gold", "proxy")):
         for label, c in curves.items():
             if key in c:
-                steps = sorted(c[key])
-                ax.plot(steps, [sum(c[key][s]) / len(c[key][s]) for s in steps], marker=".", label=label)
-        ax.set_xlabel("optimizer step (online: iteration)")
+                ax.plot([x for x, _ in c[key]], [y for _, y in c[key]], marker=".", label=label)
+        ax.set_xlabel("training wall-clock, seconds")
         ax.set_ylabel(f"held-out {key} reward")
-        ax.set_title(f"{key} reward during training")
+        ax.set_title(f"{key} reward during training (mean over seeds)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    ax = axes[2]
+    scorers = [r for r in rows if r.get("kind") == "objective" and r.get("pair_accuracy") and not r.get("gold") and "train_seconds" in r]
+    for r in scorers:
+        acc = r["pair_accuracy"]
+        ax.errorbar([r["train_seconds"]["mean"]], [acc["mean"]], yerr=[acc["ci95"] if math.isfinite(acc["ci95"]) else 1.96 * acc["pair_se"]],
+                    marker="s", capsize=3, linestyle="none", label=r["algorithm"])
+    ax.set_xlabel("training wall-clock, seconds")
+    ax.set_ylabel("held-out pair accuracy")
+    ax.set_title("reward models (scorers, not policies)")
+    ax.grid(alpha=0.3)
+    if scorers:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no reward-model rows", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

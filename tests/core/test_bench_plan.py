@@ -155,3 +155,9 @@ def test_the_reward_defaults_to_the_tasks_and_a_policy_row_has_no_algorithm(tmp_
 def test_a_policy_without_a_bench_protocol_is_not_a_row(tmp_path):
     with pytest.raises(UserError, match="'transformers' is not registered"):
         plan(parse("--algorithms", "transformers", out=tmp_path))
+
+
+def test_only_sampled_rows_are_evaluated_during_training(tmp_path):
+    specs = {s.name: s for s in plan(parse("--algorithms", "dpo,bradley-terry", "--seeds", "1", out=tmp_path))}
+    assert specs["dpo"].config["train"]["eval_every"] >= 1  # learning curves of a policy
+    assert "eval_every" not in specs["bradley-terry"].config["train"]  # a reward model is not sampled from
