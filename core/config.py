@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
+from rlhfzoo.budget import BUDGET_AXES, check_budget
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import PluginConfig
 from rlhfzoo.registry import DEFAULTS, Entry
@@ -78,6 +79,11 @@ class TrainConfig(PluginConfig):
     stop_after: int | None = Field(
         None, ge=1, description="Stop after this many steps in this invocation (with a checkpoint), e.g. to fit a job time limit; continue with --resume."
     )
+    budget: dict[str, float] | None = Field(
+        None,
+        description="End the run at the first step where this much has been spent, on one axis: {AXIS: AMOUNT} with AXIS one of "
+        + ", ".join(BUDGET_AXES) + " (rlhfzoo.budget); `steps` is then the cap, and the learning-rate schedule still runs over it.",
+    )
     progress: bool = Field(True, description="Show a progress bar on the console.")
     num_threads: int | None = Field(
         None, ge=1,
@@ -89,6 +95,11 @@ class TrainConfig(PluginConfig):
         description="Experiment trackers through accelerate, beside metrics.jsonl, with the run config logged: "
         + ", ".join(TRACKERS) + " (their files under OUTPUT_DIR/trackers; each needs its package installed).",
     )
+
+    @field_validator("budget")
+    @classmethod
+    def one_axis(cls, budget: dict[str, float] | None) -> dict[str, float] | None:
+        return check_budget(budget)
 
 
 SECTIONS: dict[str, str] = {"task": "task", "policy": "policy", "algorithm": "objective", "reward": "reward_source"}

@@ -232,17 +232,19 @@ class Objective(Plugin, ABC):
         prepare(data, collate, reference)        once, with the whole training set
         reference_needed_in_training()           once, after `prepare`: False frees the reference model
         offline, each step:
-            loss(micro-batch) ...  -> optimizer step -> after_step(metrics)
+            begin_step(micro-batches) -> loss(micro-batch) ...  -> optimizer step -> after_step(metrics)
         online, each iteration (`train.steps` counts iterations):
             samples_per_prompt() rollouts of each prompt -> score_rollout(rollout, reward)
             make_experience(rollout, rewards, policy, reference)
             for each item of minibatches(experience, policy):
-                loss(micro-batch) ...  -> optimizer step -> after_step(metrics)
+                begin_step(micro-batches) -> loss(micro-batch) ...  -> optimizer step -> after_step(metrics)
             after_iteration(metrics)
 
-    `after_step` is the per-optimizer-step hook (target-network updates, early stopping within an
-    iteration); `after_iteration` the per-iteration one (adaptive KL coefficients, per-iteration
-    counters), never called offline. What either returns is logged with the step's metrics.
+    `begin_step` sees all of an optimizer step's micro-batches before their losses (statistics of
+    the whole step, e.g. KTO's reference point); `after_step` is the per-optimizer-step hook after
+    the update (target-network updates, early stopping within an iteration); `after_iteration` the
+    per-iteration one (adaptive KL coefficients, per-iteration counters), never called offline.
+    What `after_step` or `after_iteration` returns is logged with the step's metrics.
     """
 
     data_kind: ClassVar[str] = "demonstrations"
@@ -291,6 +293,15 @@ class Objective(Plugin, ABC):
         (it builds it again for the evaluations that need it). Default: `needs_reference`; an
         objective that cached the reference's log-probs in `prepare` returns False."""
         return self.needs_reference
+
+    def begin_step(self, batches: list[Any], policy: "Policy", reference: "Policy | None") -> None:
+        """Called once per optimizer step, offline and online, before the losses of its micro-batches:
+        `batches` are all of them on this process (on the device, under the loss's autocast, with
+        the step's token totals of `ops.set_step_tokens` set), the very objects `loss` then receives.
+        Compute here what must be a statistic of the whole step rather than of each micro-batch, so
+        that the update does not depend on `train.grad_accum` or the number of processes (reduce over
+        the processes: every process calls this once per step), and write it into each batch's
+        `extra`. `loss` must still work without it (a direct call). Nothing by default."""
 
     def after_step(self, metrics: dict[str, float]) -> dict[str, float]:
         """Called after every optimizer step, offline and online, with that step's metrics (each

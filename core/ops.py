@@ -250,6 +250,17 @@ def set_step_tokens(batches: list[Any], device: Any = None) -> None:
         b.extra[TOKENS_IN_STEP], b.extra[LOSSES_IN_STEP] = total, len(batches) * world
 
 
+def step_share(batches: list[Any], local: float, device: Any = None) -> float:
+    """What each micro-batch loss of an optimizer step divides its sum by, so that the trainer's
+    average of the losses (over the step's micro-batches and processes) is the whole step's sum over
+    its total of some figure (tokens, pair weights): `local`, this process's total over `batches`,
+    summed over the processes, over micro-batches x processes. A collective: every process calls it
+    once per step (`Objective.begin_step`). With one micro-batch on one process, `local` itself."""
+    world = torch.distributed.get_world_size() if distributed() else 1
+    total = all_sum(torch.tensor([float(local)], dtype=torch.float64, device=device)).item()
+    return total / (max(len(batches), 1) * world)
+
+
 def distributed() -> bool:
     """Whether torch.distributed runs (several processes); every helper below is the identity without it."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()

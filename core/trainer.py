@@ -5,8 +5,8 @@
                       -> objective.minibatches -> objective.loss -> step    (repeated)
                       -> objective.after_iteration
 
-Every optimizer step ends with `objective.after_step`; the order of all the Objective hooks is
-in `rlhfzoo.interfaces.Objective`.
+Every optimizer step starts with `objective.begin_step` and ends with `objective.after_step`; the
+order of all the Objective hooks is in `rlhfzoo.interfaces.Objective`.
 
 One `Trainer` runs both. It runs unchanged under `accelerate launch` / `torchrun`: the global
 batch of each step (`train.batch_size` examples) is cut into equal slices per process and then
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from rlhfzoo import artifacts, checkpoint, run_dir, stages, tracking
+from rlhfzoo import artifacts, budget, checkpoint, run_dir, stages, tracking
 from rlhfzoo.checkpoint import latest_checkpoint  # noqa: F401  (part of this module's API)
 from rlhfzoo.config import RunConfig
 from rlhfzoo.counting_reward import CountingReward
@@ -105,6 +105,13 @@ class Trainer:
         self.reference: Policy | None = self.policy.frozen_copy() if self.objective.needs_reference else None
         if self.objective.online and self.reward is None:
             raise TrainingError(f"algorithm {cfg.algorithm.entry.name!r} is online and needs `reward: {{name: ...}}`")
+        if self.train.budget:
+            axis = next(iter(self.train.budget))
+            why = budget.held_to(axis, self.objective.online, self.objective.needs_reward)
+            if why:
+                raise TrainingError(f"train.budget: {cfg.algorithm.entry.name!r} {why}, so a {axis} budget would never end it; "
+                                    "give it a budget in seconds, train_tokens or examples")
+        self.budget_record: dict[str, Any] | None = None  # train.budget: what was spent (`budget.report`)
         self.collator = Collator(self.policy.tokenizer, max_length=getattr(self.policy.config, "max_length", 128))
         self.data = self._load_data()
         self.objective.setup(self.policy, self.task)
@@ -156,10 +163,14 @@ class Trainer:
     def backward(self, batches: list[Any], step: int = 0) -> dict[str, float]:
         """The backward passes of one optimizer step over its micro-batches on this process: the
         gradient of the step's loss accumulated into `.grad`, the same on every process, whatever the
-        split into micro-batches and processes (`ops.set_step_tokens`). Returns the micro-batches'
-        metrics, averaged over them and over the processes."""
+        split into micro-batches and processes (`ops.set_step_tokens`, then the objective's
+        `begin_step` for its own statistics of the step). Returns the micro-batches' metrics,
+        averaged over them and over the processes."""
         model = self.policy.model
         set_step_tokens(batches, self.accelerator.device)
+        batches = [b.to(self.accelerator.device) for b in batches]  # what `begin_step` writes, `loss` reads
+        with self.accelerator.autocast():
+            self.objective.begin_step(batches, self.policy, self.reference)
         sums: dict[str, float] = {}
         for k, batch in enumerate(batches):
             last = k == len(batches) - 1
@@ -167,7 +178,7 @@ class Trainer:
             no_sync = (lambda: nullcontext()) if last or self.world == 1 else (lambda: self.accelerator.no_sync(model))
             self.wrapped_forward = False
             with no_sync(), self.accelerator.autocast():
-                out = self.objective.loss(batch.to(self.accelerator.device), self.policy, self.reference)
+                out = self.objective.loss(batch, self.policy, self.reference)
             if not torch.isfinite(out.loss):
                 rows = batch.index.tolist() if hasattr(batch, "index") else "?"
                 raise NonFiniteError(
@@ -359,25 +370,33 @@ class Trainer:
         bar = tqdm(total=tr.steps, initial=self.step, disable=not (tr.progress and acc.is_main_process), desc=self.cfg.algorithm.entry.name)
         self.policy.model.train()
         start = time.time()
+        last = self.step >= tr.steps  # resumed from the last step: only the end of the run remains
         while self.step < stop_at:
             metrics = self.train_step(self.step)
             self.step += 1
             metrics = across_processes(metrics, device=self.accelerator.device)
-            if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.steps:
+            last = self.step == tr.steps
+            if tr.budget:
+                metrics["budget_spent"] = self.budget_spent(time.time() - start)
+                self.budget_record = budget.report(tr.budget, metrics["budget_spent"], self.step, tr.steps)
+                last = last or self.budget_record["reached"]
+            if tr.eval_every and self.step % tr.eval_every == 0 and not last:
                 metrics.update(self.periodic_eval())
-            if self.step % tr.log_every == 0 or self.step == tr.steps or any(k.startswith("eval/") for k in metrics):
+            if self.step % tr.log_every == 0 or last or any(k.startswith("eval/") for k in metrics):
                 row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "elapsed": time.time() - start, **metrics}
                 log.write(row)
                 if tr.report_to:
                     acc.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "reward", "kl", "accuracy")})
-            if tr.save_every and self.step % tr.save_every == 0 and self.step < tr.steps:
+            if tr.save_every and self.step % tr.save_every == 0 and not last:
                 self.save_checkpoint()
             bar.update(1)
+            if last:
+                break
         bar.close()
         seconds = time.time() - start
         try:
-            if self.step < tr.steps:  # stopped early on purpose: leave a checkpoint to resume from
+            if not last:  # stopped early on purpose (stop_after): leave a checkpoint to resume from
                 self.save_checkpoint()
                 return {"finished": False, "step": self.step}
             summary = self.finish(seconds)
@@ -421,12 +440,22 @@ class Trainer:
             figures = evaluate(self.policy, self.task, self.reward, self.reference_for_eval(), n, seed=self.train.seed)
         return {f"eval/{k}": v for k, v in figures.items() if k in ("gold", "proxy", "kl")}
 
+    def budget_spent(self, seconds: float) -> float:
+        """How much of `train.budget`'s axis the run has spent so far, over every process (the same
+        figure on each, so they all stop at the same step)."""
+        calls = self.reward.calls if self.reward is not None else 0
+        totals = counts_across_processes({**self.policy.counters, "reward calls": calls, "seconds": seconds}, device=self.accelerator.device)
+        axis = next(iter(self.train.budget))
+        return budget.spent(axis, totals["seconds"] / self.world, self.step, self.train.batch_size, totals, totals["reward calls"])
+
     def finish(self, seconds: float) -> dict[str, Any]:
         from rlhfzoo.evaluation import final_evaluation
 
         acc = self.accelerator
         acc.wait_for_everyone()
         summary: dict[str, Any] = {"finished": True, "step": self.step, "train_seconds": seconds}
+        if self.budget_record is not None:
+            summary["budget"] = self.budget_record
         counters = counts_across_processes(self.policy.counters, device=acc.device)  # every process's budget
         if acc.is_main_process:
             if self.train.eval_prompts:

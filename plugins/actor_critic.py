@@ -16,7 +16,9 @@ figures (the KL the adaptive controller and `max_kl` read, the sample counts) ar
 
 Scores may first be penalised for responses cut at the length limit without EOS (counted),
 normalised by a running mean/std and clipped. An optional pretraining mix (PPO-ptx, arXiv:2203.02155
-Eq. 2) adds `ptx_coef` x the NLL of the task's demonstrations to the loss.
+Eq. 2) adds `ptx_coef` x the NLL of the task's demonstrations to the loss: `ptx_batch_size` of them
+drawn for each optimizer step and shared out among its micro-batches, their NLL a token mean over
+the step's demonstrations on every process (`begin_step`), like the other token-level terms.
 
 `ActorCriticObjective` holds what the three objectives share: the config fields below, the KL
 controller and running reward statistics (checkpointed), the KL guard `max_kl`, minibatching,
@@ -35,7 +37,7 @@ from rlhfzoo import kernels
 from rlhfzoo.interfaces import Batch, Objective, PluginConfig, Policy, Rollout, SequenceBatch
 from rlhfzoo.ops import (
     FixedKLController, RunningMoments, all_rows, all_sum, across_processes, apply_mask, gae, last_index, masked_mean,
-    masked_whiten, response_nll, step_denominator,
+    masked_whiten, response_nll, step_denominator, step_share,
 )
 from rlhfzoo.training_errors import TrainingError
 
@@ -72,7 +74,9 @@ class ExperienceConfig(PluginConfig):
     vf_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
     ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus (subtracted from the loss).")
     ptx_coef: float = Field(0.0, ge=0, description="gamma of PPO-ptx: weight of the NLL of the task's demonstrations in the loss (0: off).")
-    ptx_batch_size: int = Field(8, ge=1, description="Demonstrations per (micro-)batch for the pretraining mix.")
+    ptx_batch_size: int = Field(
+        8, ge=1, description="Demonstrations per optimizer step (on each process) for the pretraining mix, shared out among its micro-batches."
+    )
     micro_batch_size: int | None = Field(
         None, ge=1, description="Split each minibatch into micro-batches of this many sequences, accumulated into one step (null: no split)."
     )
@@ -87,6 +91,9 @@ class ExperienceConfig(PluginConfig):
 
 
 # ------------------------------------------------------------------------------ experience
+
+# In `Batch.extra`, set by `ActorCriticObjective.begin_step`: what each micro-batch's pretraining NLL sum divides by.
+PTX_TOKEN_SHARE = "ptx_tokens_share"
 
 
 @dataclass
@@ -112,13 +119,12 @@ class Experience:
         return self.sequences.shape[0]
 
     def batch(self, rows: torch.Tensor) -> Batch:
+        """The micro-batch of these rows (without pretraining demonstrations: see `ActorCriticObjective.groups`)."""
         rows = rows.to(self.sequences.device)
         extra: dict[str, Any] = {
             k: getattr(self, k)[rows]
             for k in ("mask", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
         }
-        if self.ptx is not None:
-            extra["ptx"] = self.ptx()
         seq = SequenceBatch(self.sequences[rows], self.attention_mask[rows], self.response_mask[rows])
         return Batch(sequences=seq, index=rows.cpu(), extra=extra)
 
@@ -266,9 +272,16 @@ class ActorCriticObjective(Objective):
 
     # -------------------------------------------------------------------- minibatches
     def groups(self, experience: Experience, rows: torch.Tensor) -> list[Batch]:
-        """One optimizer step's micro-batches for these rows."""
+        """One optimizer step's micro-batches for these rows; with the pretraining mix, the step's
+        `ptx_batch_size` demonstrations (one draw) shared out among them in `extra["ptx"]`."""
         m = self.config.micro_batch_size or len(rows)
-        return [experience.batch(rows[k : k + m]) for k in range(0, len(rows), m)]
+        batches = [experience.batch(rows[k : k + m]) for k in range(0, len(rows), m)]
+        if experience.ptx is not None:
+            demos = experience.ptx()
+            for b, part in zip(batches, torch.arange(len(demos)).tensor_split(len(batches))):
+                if len(part):
+                    b.extra["ptx"] = SequenceBatch(*(t[part] for t in (demos.input_ids, demos.attention_mask, demos.response_mask)))
+        return batches
 
     def shuffled_minibatches(self, experience: Experience, epochs: int, minibatch_size: int) -> Iterator[list[Batch]]:
         B = len(experience)
@@ -283,6 +296,16 @@ class ActorCriticObjective(Objective):
         out = policy.forward(seq.input_ids, seq.attention_mask, return_values=True, return_entropy=entropy)
         out["values"] = out["values"][:, :-1]
         return out
+
+    def begin_step(self, batches: list[Batch], policy: Policy, reference: Policy | None) -> None:
+        """With the pretraining mix: the response tokens of the step's demonstrations, every
+        micro-batch and process, that their NLL is a token mean over (`ops.step_share`)."""
+        if self.config.ptx_coef <= 0 or not batches:
+            return
+        local = sum(float(b.extra["ptx"].response_mask[:, 1:].sum()) for b in batches if "ptx" in b.extra)
+        share = step_share(batches, local, batches[0].sequences.input_ids.device)
+        for b in batches:
+            b.extra[PTX_TOKEN_SHARE] = share
 
     @staticmethod
     def tokens(batch: Batch) -> torch.Tensor | float:
@@ -318,11 +341,16 @@ class ActorCriticObjective(Objective):
             kl = masked_mean(kernels.token_kl(logprobs, batch.extra["ref_logprobs"], cfg.kl_estimator), mask, count=n)
             total = total + self.kl_ctl.value * kl
             metrics["kl_loss"] = kl.item()
-        if "ptx" in batch.extra and cfg.ptx_coef > 0:
+        if cfg.ptx_coef > 0 and "ptx" in batch.extra:
             ptx = batch.extra["ptx"]
-            nll = response_nll(policy.logprobs(ptx.input_ids, ptx.attention_mask), ptx.response_mask)
+            logprobs_ptx = policy.logprobs(ptx.input_ids, ptx.attention_mask)
+            share = batch.extra.get(PTX_TOKEN_SHARE)  # the step's (`begin_step`); else these demonstrations' own count
+            count = None if share is None else torch.tensor(max(share, 1e-12), dtype=logprobs_ptx.dtype, device=logprobs_ptx.device)
+            nll = response_nll(logprobs_ptx, ptx.response_mask, count=count)
             total = total + cfg.ptx_coef * nll
             metrics["ptx_nll"] = nll.item()
+        elif cfg.ptx_coef > 0 and PTX_TOKEN_SHARE in batch.extra:  # this micro-batch got none of the step's demonstrations
+            metrics["ptx_nll"] = 0.0
         return total, metrics
 
     # -------------------------------------------------------------------- state

@@ -10,19 +10,24 @@ if undesirable, and the loss is
         undesirable:  w_u * (1 - sigma(beta * (z0 - r)))
 
 z0 is estimated from mismatched prompt/completion pairs (x_i, y_j), i != j, as the mean of
-their log-ratios -- averaged over processes when torch.distributed is initialised, clamped at 0
-(a KL is non-negative) and detached (no gradient flows through the reference point), as the
-paper prescribes. The mismatched pairs:
+their log-ratios over the batch -- here the whole optimizer step: `begin_step` runs the policy on
+the mismatched pairs of every micro-batch (without gradients, one micro-batch at a time) and
+takes the mean over all of them and over every process, so `train.grad_accum` and the number of
+processes do not change the update (TRL estimates it per micro-batch). It is clamped at 0 (a KL is
+non-negative) and detached (no gradient flows through the reference point), as the paper
+prescribes. `loss` called on its own (outside the trainer) estimates it from its batch alone.
+The mismatched pairs:
 
 * `reference: model` -- the collator's in-batch pairs (prompt i with response i+1), with the
-  frozen reference model run on them every step;
+  frozen reference model run on them every step (formed within each micro-batch, so the pairs
+  themselves still change with the split into micro-batches);
 * `reference: cached` (default) -- every row gets a fixed partner row (the next one in a seeded
   shuffle, cut into chunks of `reference_batch_size`) before training, and the reference log-probs of both its own and its
   mismatched sequence are cached, so the trainer frees the reference model (the partners are
   fixed because the in-batch pairs change with the batch, and a cache needs them known ahead).
 
-Either way the estimate is a mean over the micro-batch, so KTO needs >= 2 examples per
-micro-batch (with one, the collator's "mismatched" pair is the example itself).
+The collator pairs the examples of a micro-batch, so KTO needs >= 2 examples per micro-batch
+(with one, the collator's "mismatched" pair is the example itself).
 
 The paper recommends w_d n_d / (w_u n_u) in [1, 4/3] (n_d, n_u: desirable and undesirable
 counts); `prepare` warns once when the data and weights fall outside. Log-probs are summed over
@@ -40,21 +45,25 @@ from pydantic import Field
 
 from rlhfzoo import hookimpl
 from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, UnpairedExample
-from rlhfzoo.ops import masked_mean
+from rlhfzoo.ops import all_sum, distributed, masked_mean
 from rlhfzoo.plugins._preference import (
     ImplicitRewardEvaluation, PreferenceConfig, ReferenceCache, concat, reference_logprobs, response_tokens,
 )
 
 RECOMMENDED_RATIO = (1.0, 4.0 / 3.0)  # w_d n_d / (w_u n_u), Sec. 4.2 of arXiv:2402.01306
+# In `Batch.extra`, set by `KTO.begin_step`: z0 of the optimizer step, and (`reference: model`) the
+# reference log-probs of the batch's own responses, computed in the same forward as its pairs'.
+REFERENCE_POINT, REFERENCE_LOGPS = "kl_reference_point", "reference_logps"
 
 
 def kto_kl_estimate(kl_logratios: torch.Tensor) -> torch.Tensor:
-    """z0: detached, non-negative estimate of KL(pi || pi_ref) from mismatched pairs' log-ratios [B]."""
-    z0 = kl_logratios.detach().float().mean()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(z0, op=torch.distributed.ReduceOp.SUM)
-        z0 = z0 / torch.distributed.get_world_size()
-    return z0.clamp(min=0.0)
+    """z0: detached, non-negative estimate of KL(pi || pi_ref) from mismatched pairs' log-ratios [B]:
+    their mean, over every process's pairs when torch.distributed is initialised (a collective)."""
+    x = kl_logratios.detach().float()
+    if not distributed():
+        return x.mean().clamp(min=0.0)
+    total = all_sum(torch.stack([x.sum().double(), x.new_tensor(float(x.numel()), dtype=torch.float64)]))
+    return (total[0] / total[1].clamp(min=1)).float().clamp(min=0.0)
 
 
 def kto_loss(
@@ -148,27 +157,47 @@ class KTO(ImplicitRewardEvaluation, Objective):
         return UnpairedExample(own.prompt, other.response, own.desirable)
 
     # ------------------------------------------------------------------------------ loss
-    def loss(self, batch, policy, reference=None) -> LossOutput:
-        c = self.config
+    def _references(self, batch, reference):
+        """The mismatched pairs of `batch` and the reference log-probs of its own responses and of
+        the pairs': (kl_sequences, ref [B], ref_kl [B])."""
         if len(batch) < 2:
             raise ValueError(
                 f"kto needs at least 2 examples per micro-batch for its KL estimate z0 (mean log-ratio of mismatched "
                 f"prompt/response pairs); got {len(batch)} (dataset rows {batch.index.tolist()}). Raise train.batch_size "
                 "so that batch_size / (processes x grad_accum) >= 2."
             )
-        avg, seq = c.average_logprobs, batch.sequences
-        cached = c.reference == "cached" and "own" in self.cache
-        if cached:  # the fixed partners whose reference log-probs were cached
+        seq = batch.sequences
+        if self.config.reference == "cached" and "own" in self.cache:  # the fixed partners, reference log-probs cached
             kl_seq = self._collate([(int(i), self._mismatched(int(i))) for i in batch.index.tolist()]).sequences
-            kl_seq = kl_seq.to(seq.input_ids.device)
-            ref, ref_kl = self.cache.lookup("own", batch.index), self.cache.lookup("kl", batch.index)
-        else:
-            kl_seq = batch.kl_sequences
-            both = reference_logprobs(reference, concat(seq, kl_seq), avg)  # one forward pass
-            ref, ref_kl = both[: len(batch)], both[len(batch) :]
-        logratios = policy.sequence_logprobs(seq, average=avg).float() - ref
+            return kl_seq.to(seq.input_ids.device), self.cache.lookup("own", batch.index), self.cache.lookup("kl", batch.index)
+        both = reference_logprobs(reference, concat(seq, batch.kl_sequences), self.config.average_logprobs)  # one forward
+        return batch.kl_sequences, both[: len(batch)], both[len(batch) :]
+
+    def _kl_logratios(self, policy, kl_seq, ref_kl) -> torch.Tensor:
         with torch.no_grad():
-            z0 = kto_kl_estimate(policy.sequence_logprobs(kl_seq, average=avg).float() - ref_kl)
+            return policy.sequence_logprobs(kl_seq, average=self.config.average_logprobs).float() - ref_kl
+
+    def begin_step(self, batches, policy, reference) -> None:
+        """z0 of the whole optimizer step: the mean log-ratio of the mismatched pairs of all its
+        micro-batches (one forward each, no gradient) and processes, written into every batch for `loss`."""
+        ratios = []
+        for b in batches:
+            kl_seq, ref, ref_kl = self._references(b, reference)
+            ratios.append(self._kl_logratios(policy, kl_seq, ref_kl))
+            b.extra[REFERENCE_LOGPS] = ref
+        z0 = kto_kl_estimate(torch.cat(ratios))
+        for b in batches:
+            b.extra[REFERENCE_POINT] = z0
+
+    def loss(self, batch, policy, reference=None) -> LossOutput:
+        c = self.config
+        seq = batch.sequences
+        if REFERENCE_POINT in batch.extra:  # the step's, from `begin_step`
+            z0, ref = batch.extra[REFERENCE_POINT], batch.extra[REFERENCE_LOGPS]
+        else:  # called on its own: this batch's estimate
+            kl_seq, ref, ref_kl = self._references(batch, reference)
+            z0 = kto_kl_estimate(self._kl_logratios(policy, kl_seq, ref_kl))
+        logratios = policy.sequence_logprobs(seq, average=c.average_logprobs).float() - ref
         desirable = batch.desirable.bool()
         valid = response_tokens(seq) > 0
         losses = kto_loss(logratios, desirable, z0, c.beta, c.desirable_weight, c.undesirable_weight)

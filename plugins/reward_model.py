@@ -10,7 +10,9 @@ Pairwise classifier (InstructGPT, arXiv:2203.02155, Eq. 1), a scalar head r(x, y
   better" label as a number): clearly separated pairs must be separated by more.
 * K-wise rankings (InstructGPT Sec. 3.5): a ranking of K responses is expanded to its C(K, 2)
   pairs (task kind `rankings`, pairs share `group`); each pair is weighted 1/C(K, 2) so that
-  every prompt counts once, whatever its K (the loss is the weighted mean over the batch).
+  every prompt counts once, whatever its K (the loss is the weighted mean over the optimizer step,
+  all its micro-batches and processes: `begin_step` sums the weights, so `train.grad_accum` and the
+  number of processes do not change the update).
 * Prompt-aware utilities (Song et al. 2023, "Reward collapse in aligning large language
   models", arXiv:2305.17608): with rewards squashed to [0, 1], R = sigmoid(r), maximise
   U(R_w - R_l) for a concave increasing utility U,
@@ -60,13 +62,15 @@ from pydantic import Field, field_validator, model_validator
 
 from rlhfzoo import hookimpl, stages
 from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, PluginConfig, RewardSource
-from rlhfzoo.ops import RunningMoments
+from rlhfzoo.ops import RunningMoments, step_share
 from rlhfzoo.plugins._preference import concat, identical
 from rlhfzoo.plugins.reward_eval import evaluate_reward_model
 from rlhfzoo.plugins.reward_heads import RewardModel, reward_model_problem, sequence_rewards, setup_reward_head
 from rlhfzoo.stages import TrainingStage
 
 Utility = Literal["none", "log-sigmoid", "power", "neg-power"]
+# In `Batch.extra`, set by `BradleyTerry.begin_step`: what each micro-batch's weighted loss sum divides by.
+PAIR_WEIGHT_SHARE = "pair_weight_share"
 
 # ------------------------------------------------------------------------------ pure losses
 
@@ -181,6 +185,23 @@ class BradleyTerry(Objective):
         if self.config.ranking_weight:
             self.row_weight = ranking_weights([getattr(e, "group", None) for e in data])
 
+    def pair_weights(self, batch) -> torch.Tensor:
+        """Weight of each pair of `batch` [B] (float32, on its device): 1/C(K, 2) with `ranking_weight`
+        (else 1), and 0 where the chosen and rejected responses are the same (no preference)."""
+        device = batch.sequences.input_ids.device
+        w = torch.ones(len(batch), device=device)
+        if self.row_weight is not None:
+            w = self.row_weight[batch.index.cpu()].to(device, torch.float32)
+        return w * (~identical(batch.sequences, batch.rejected)).to(w.dtype)
+
+    def begin_step(self, batches, policy, reference) -> None:
+        """The pairs' total weight over the whole optimizer step (every micro-batch and process), that
+        `loss` divides by: the update is the weighted mean over the step's pairs however it is split."""
+        local = sum(float(self.pair_weights(b).sum()) for b in batches)
+        share = step_share(batches, local, batches[0].sequences.input_ids.device if batches else None)
+        for b in batches:
+            b.extra[PAIR_WEIGHT_SHARE] = share
+
     def loss(self, batch, policy, reference=None) -> LossOutput:
         c, n = self.config, len(batch)
         both = concat(batch.sequences, batch.rejected)
@@ -188,11 +209,10 @@ class BradleyTerry(Objective):
         r_w, r_l = r[:n], r[n:]
         margin = c.margin_scale * batch.margin.to(r.dtype) if c.margin and batch.margin is not None else None
         losses = pairwise_loss(r_w, r_l, margin, c.utility, c.sigma, c.gamma, c.utility_eps)
-        w = torch.ones_like(losses)
-        if self.row_weight is not None:
-            w = self.row_weight[batch.index.cpu()].to(losses.device, losses.dtype)
-        w = w * (~identical(batch.sequences, batch.rejected)).to(w.dtype)  # chosen == rejected: no preference
-        loss = (losses * w).sum() / w.sum().clamp(min=1e-12)
+        w = self.pair_weights(batch).to(losses.device, losses.dtype)
+        share = batch.extra.get(PAIR_WEIGHT_SHARE)  # the step's (`begin_step`); else this batch's own total
+        total = w.sum() if share is None else torch.tensor(share, dtype=w.dtype, device=w.device)
+        loss = (losses * w).sum() / total.clamp(min=1e-12)
         d = (r_w - r_l).detach()
         return LossOutput(loss, {
             "accuracy": ((d > 0).float() * w).sum().item() / max(w.sum().item(), 1e-12),

@@ -5,6 +5,8 @@ in the same processes; each rank writes what it ended with under OUT/<scenario>/
     sft    SFT of a tiny Llama, with `eval_every` and the end-of-run evaluation: step 1's gradient
            (before clipping), the final weights
     ilql   ILQL (its loss runs on the bare module, outside the DDP wrapper): the final weights
+    kto    KTO, 2 micro-batches per process, policy and reference moved apart (z0 above 0): step
+           1's gradient (before clipping) and z0 (`begin_step`'s, over every process's micro-batches)
     ppo    PPO-clip with the adaptive KL controller, `target_kl` and reward normalisation: the
            objective's state, the optimizer steps taken, the final weights
     ppo-penalty  PPO-penalty: its beta, the KL it adapts beta from, the steps taken, the final weights
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_grad_accum import SMALL, RandomSamplesSentiment  # noqa: E402
+from test_grad_accum import SMALL, RandomSamplesSentiment, nudge, reference_further_away  # noqa: E402
 
 from rlhfzoo.config import load_config  # noqa: E402
 from rlhfzoo.interfaces import RewardSource  # noqa: E402
@@ -88,8 +90,8 @@ def save(t: Trainer, out: Path, **extra) -> None:
     (out / f"result-rank{t.rank}.json").write_text(json.dumps({"world": t.world, **extra}))
 
 
-def sft(out: Path) -> None:
-    t = trainer(out, {"name": "sft"}, eval_every=1, eval_prompts=4, max_grad_norm=None)
+def first_gradient(t: Trainer) -> list[torch.Tensor]:
+    """Step 1's gradient, recorded when the optimizer first steps (in the returned list)."""
     grads, real = [], t.optimizer.step
 
     def step(*args, **kwargs):
@@ -98,9 +100,31 @@ def sft(out: Path) -> None:
         return real(*args, **kwargs)
 
     t.optimizer.step = step
+    return grads
+
+
+def sft(out: Path) -> None:
+    t = trainer(out, {"name": "sft"}, eval_every=1, eval_prompts=4, max_grad_norm=None)
+    grads = first_gradient(t)
     t.fit(overwrite=True)
     torch.save(grads[0], out / f"grad-rank{t.rank}.pt")
     save(t, out, counters=dict(t.policy.counters))
+
+
+def kto(out: Path) -> None:
+    t = trainer(out, {"name": "kto", "beta": 0.5}, steps=1, grad_accum=2, max_grad_norm=None)
+    reference_further_away(t)  # z0 above 0; then the same moves on both ranks (seeded) as in the test's one-process runs
+    nudge(t)
+    grads, z0, begin = first_gradient(t), [], t.objective.begin_step
+
+    def recording(batches, policy, reference):
+        begin(batches, policy, reference)
+        z0.append([b.extra["kl_reference_point"].item() for b in batches])
+
+    t.objective.begin_step = recording
+    t.fit(overwrite=True)
+    torch.save(grads[0], out / f"grad-rank{t.rank}.pt")
+    (out / f"result-rank{t.rank}.json").write_text(json.dumps({"world": t.world, "z0": z0[0]}))
 
 
 def ilql(out: Path) -> None:
@@ -186,7 +210,7 @@ def bf16(out: Path) -> None:
 
 
 SCENARIOS = {
-    "sft": sft, "ilql": ilql, "ppo": ppo, "ppo-penalty": ppo_penalty, "rs": rejection_sampling, "grpo": grpo,
+    "sft": sft, "ilql": ilql, "kto": kto, "ppo": ppo, "ppo-penalty": ppo_penalty, "rs": rejection_sampling, "grpo": grpo,
     "online-dpo": online_dpo, "bf16": bf16,
 }
 

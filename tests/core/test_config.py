@@ -115,11 +115,12 @@ def test_duplicate_keys_in_an_override_value():
 
 
 def _float_fields(model) -> list[str]:
-    """Names of the fields whose type accepts a float (float, float | None, ...)."""
+    """Names of the fields whose type accepts a float (float, float | None, ...; not a mapping of
+    floats such as `train.budget`, whose values are checked where it is defined)."""
     import typing
 
     def has_float(t) -> bool:
-        return t is float or any(has_float(a) for a in typing.get_args(t))
+        return t is float or (typing.get_origin(t) is not dict and any(has_float(a) for a in typing.get_args(t)))
 
     return [name for name, f in model.model_fields.items() if has_float(f.annotation)]
 

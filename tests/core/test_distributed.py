@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))  # the worker, run by torchrun, is also the library of its runs
 
 from distributed_worker import trainer  # noqa: E402
-from test_grad_accum import offline_batches  # noqa: E402
+from test_grad_accum import nudge, offline_batches, reference_further_away  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("two-processes")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", str(HERE / "distributed_worker.py"), str(out)]
-    done = subprocess.run([*cmd, "sft", "ilql", "ppo", "ppo-penalty", "rs", "grpo", "online-dpo"], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([*cmd, "sft", "ilql", "kto", "ppo", "ppo-penalty", "rs", "grpo", "online-dpo"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 
@@ -78,6 +78,26 @@ def test_two_processes_compute_the_gradient_of_one_process(runs, tmp_path):
         t = trainer(tmp_path / f"one-{grad_accum}", {"name": "sft"})
         batches = offline_batches(t)(8 // grad_accum)  # step 1's rows, as the trainer cuts them
         t.backward(batches)
+        one = torch.cat([p.grad.flatten() for p in t.policy.parameters()])
+        rel = ((two[0] - one).norm() / one.norm()).item()
+        assert rel < 1e-6, f"2 processes vs 1 process x {grad_accum} micro-batches: relative difference {rel:.2e}"
+
+
+def test_kto_reference_point_is_that_of_the_whole_step(runs, tmp_path):
+    """Step 1 of KTO (policy and reference moved apart), 2 processes x 2 micro-batches of 2 rows:
+    every micro-batch of both ranks uses one z0, the mean over all 8 mismatched pairs, and the
+    gradient is that of 1 process x 1 micro-batch of 8 rows (and x 2 of 4), with the same z0."""
+    a, b = ranks(runs / "kto", "results")
+    assert a["z0"] == b["z0"] and len(set(a["z0"])) == 1  # one z0 on both ranks, for both micro-batches
+    two = [torch.load(runs / "kto" / f"grad-rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(two[0], two[1])
+    for grad_accum in (1, 2):
+        t = trainer(tmp_path / f"one-{grad_accum}", {"name": "kto", "beta": 0.5})
+        reference_further_away(t)
+        nudge(t)
+        metrics = t.backward(offline_batches(t)(8 // grad_accum))
+        assert metrics["kl_estimate"] > 0.01, "z0 is clamped at 0: the test checks nothing about it"
+        assert a["z0"][0] == pytest.approx(metrics["kl_estimate"], rel=1e-5)
         one = torch.cat([p.grad.flatten() for p in t.policy.parameters()])
         rel = ((two[0] - one).norm() / one.norm()).item()
         assert rel < 1e-6, f"2 processes vs 1 process x {grad_accum} micro-batches: relative difference {rel:.2e}"

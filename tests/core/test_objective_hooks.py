@@ -1,5 +1,7 @@
-"""The Objective hook contract as the trainer keeps it: `after_step` once per optimizer step (offline
-and online), `after_iteration` once per online iteration (never offline), `minibatches` given the
+"""The Objective hook contract as the trainer keeps it: `begin_step` once per optimizer step before its
+losses, with all its micro-batches (the objects `loss` then receives, on the device), and
+`after_step` once per optimizer step (offline and online), `after_iteration` once per online
+iteration (never offline), `minibatches` given the
 policy, `samples_per_prompt()` rollouts per prompt, the reference model freed when
 `reference_needed_in_training()` says so, and the reward source's interface forwarded by the
 trainer's counting wrapper."""
@@ -29,11 +31,21 @@ class RecordingOffline(SFT):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.calls: list[tuple[str, dict]] = []
+        self.calls: list[tuple[str, object]] = []
+        self.step_batches: list = []  # the micro-batches `begin_step` saw, awaiting their losses
+
+    def begin_step(self, batches, policy, reference):
+        self.calls.append(("begin", [str(b.sequences.input_ids.device) for b in batches]))
+        self.step_batches = list(batches)
+
+    def loss(self, batch, policy, reference=None):
+        assert batch is self.step_batches.pop(0), "loss got a micro-batch that begin_step did not see, or out of order"
+        return super().loss(batch, policy, reference)
 
     def after_step(self, metrics):
+        assert not self.step_batches, "begin_step saw micro-batches whose loss was never taken"
         self.calls.append(("step", dict(metrics)))
-        return {"after_step_calls": float(len(self.calls))}
+        return {"after_step_calls": float(sum(kind == "step" for kind, _ in self.calls))}
 
     def after_iteration(self, metrics):
         self.calls.append(("iteration", dict(metrics)))
@@ -52,6 +64,9 @@ class RecordingOnline(RejectionSampling):
     def minibatches(self, kept, policy):
         self.calls.append(("minibatches", policy))
         yield from super().minibatches(kept, policy)
+
+    def begin_step(self, batches, policy, reference):
+        self.calls.append(("begin", len(batches)))
 
     def after_step(self, metrics):
         self.calls.append(("step", dict(metrics)))
@@ -108,8 +123,10 @@ def test_offline_after_step_once_per_optimizer_step_and_no_iterations(tmp_path):
     trainer = Trainer(run_config(tmp_path / "off", {"name": "test-hooks-offline"}, grad_accum=2), log=lambda *_: None)
     trainer.fit()
     calls = trainer.objective.calls
-    assert [kind for kind, _ in calls] == ["step"] * 3  # 3 steps of 2 micro-batches each: 3 calls, no iteration
-    assert all({"loss", "nll", "grad_norm"} <= set(m) for _, m in calls)  # the step's own metrics
+    assert [kind for kind, _ in calls] == ["begin", "step"] * 3  # 3 steps of 2 micro-batches each, no iteration
+    device = str(trainer.accelerator.device)
+    assert all(devices == [device, device] for kind, devices in calls if kind == "begin")  # both, moved for the loss
+    assert all({"loss", "nll", "grad_norm"} <= set(m) for kind, m in calls if kind == "step")  # the step's own metrics
     logged = [row["after_step_calls"] for row in trainer_rows(tmp_path / "off")]
     assert logged == [1.0, 2.0, 3.0]  # what after_step returns is logged with the step
 
@@ -126,7 +143,8 @@ def test_online_after_step_per_optimizer_step_then_after_iteration(tmp_path):
         kinds = [kind for kind, _ in calls[start:end]]
         kept = calls[end][1]
         assert kinds[0] == "minibatches" and calls[start][1] is trainer.policy  # minibatches gets the policy
-        assert kinds[1:] == ["step"] * math.ceil(kept / 2)  # one after_step per optimizer step, before the iteration's
+        assert kinds[1:] == ["begin", "step"] * math.ceil(kept / 2)  # begin_step and after_step per optimizer step
+        assert all(n == 1 for kind, n in calls[start + 1 : end] if kind == "begin")  # minibatches of 2, one micro-batch
         start = end + 1
     assert trainer.reward.calls == 2 * 4 * 2  # samples_per_prompt() = n_samples rollouts of every prompt
 

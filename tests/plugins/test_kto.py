@@ -1,5 +1,6 @@
 """KTO: the loss against hand-computed values, the KL reference point (clamping, detaching,
-averaging over processes), the weight-ratio warning, batch-size check, and the two reference modes."""
+averaging over processes, taken over the whole optimizer step by `begin_step`), the weight-ratio
+warning, batch-size check, and the two reference modes."""
 
 import math
 import random
@@ -12,7 +13,7 @@ import torch
 
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import UnpairedExample
-from rlhfzoo.plugins.kto import KTO, kto_kl_estimate, kto_loss
+from rlhfzoo.plugins.kto import KTO, REFERENCE_POINT, kto_kl_estimate, kto_loss
 from rlhfzoo.plugins.sentiment import SentimentTask, continue_review, make_prompts
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 from rlhfzoo.testing import TINY_POLICY
@@ -205,3 +206,52 @@ def test_single_class_batches_report_zero_for_the_absent_class(tiny):
     out = obj.loss(collate(list(enumerate(data[:4]))), nudged(policy), None)
     assert out.metrics["reward_undesirable"] == 0.0 and out.metrics["reward_margin"] == 0.0
     assert out.metrics["desirable_fraction"] == 1.0 and math.isfinite(out.loss.item())
+
+
+def test_begin_step_takes_z0_over_every_micro_batch_of_the_step(tiny):
+    """Known log-ratios of the mismatched pairs: the policy is the reference, whose cached log-probs of
+    the fixed mismatched sequences are lowered by d, so that log pi - log pi_ref = d on them (and 0 on
+    the examples' own responses). Two micro-batches of unequal sizes, d = (1, 2, 3) and (4, 10): on
+    its own each would use its own mean, 2 and 7; the step's z0 is the mean of all five, 20 / 5 = 4
+    (not the mean of the two means, 4.5)."""
+    policy, collate = tiny
+    data = toy_unpaired(8)  # rows 0, 2, 4, ... desirable
+    obj = KTO(KTO.Config(beta=0.5))
+    obj.prepare(data, collate, policy.frozen_copy())
+    d = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 10.0}
+    obj.cache.values["kl"][list(d)] -= torch.tensor(list(d.values()))
+
+    def micro_batches():
+        return [collate([(i, data[i]) for i in rows]) for rows in ((0, 1, 2), (3, 4))]
+
+    alone = [obj.loss(b, policy, None).metrics["kl_estimate"] for b in micro_batches()]
+    assert alone == pytest.approx([2.0, 7.0], abs=1e-4)  # `loss` on its own: the micro-batch's estimate
+
+    step = micro_batches()
+    obj.begin_step(step, policy, None)
+    assert [b.extra[REFERENCE_POINT].item() for b in step] == pytest.approx([4.0, 4.0], abs=1e-4)
+    first, second = (obj.loss(b, policy, None) for b in step)
+    assert first.metrics["kl_estimate"] == second.metrics["kl_estimate"] == pytest.approx(4.0, abs=1e-4)
+    # r = 0 on the own responses: desirable 1 - sigma(0.5 (0 - 4)), undesirable 1 - sigma(0.5 (4 - 0)).
+    good, bad = 1 - sig(-2.0), 1 - sig(2.0)
+    assert first.loss.item() == pytest.approx((2 * good + bad) / 3, abs=1e-4)  # rows 0 (d), 1 (u), 2 (d)
+    assert second.loss.item() == pytest.approx((bad + good) / 2, abs=1e-4)  # rows 3 (u), 4 (d)
+
+
+@pytest.mark.parametrize("mode", ["cached", "model"])
+def test_one_micro_batch_step_gives_the_loss_of_a_direct_call_bit_for_bit(tiny, mode):
+    """With one micro-batch on one process the step's z0 is the batch's own: `begin_step` then `loss`
+    (the trainer's way) gives exactly what `loss` alone gives, so grad_accum = 1 trains as before."""
+    policy, collate = tiny
+    data = toy_unpaired(12)
+    reference = policy.frozen_copy()
+    obj = KTO(KTO.Config(beta=0.5, reference=mode))
+    obj.prepare(data, collate, reference)
+    moved = nudged(policy)
+    rows = [(i, data[i]) for i in (1, 3, 0, 5)]
+    direct = obj.loss(collate(rows), moved, reference)
+    step = [collate(rows)]
+    obj.begin_step(step, moved, reference)
+    hooked = obj.loss(step[0], moved, reference)
+    assert direct.metrics["kl_estimate"] > 0  # a reference point that is not clamped
+    assert torch.equal(hooked.loss, direct.loss) and hooked.metrics == direct.metrics
