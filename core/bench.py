@@ -28,12 +28,19 @@ finished run intact; a worker dies with the bench, and owns its run directory al
 runs (`bench_runs`). A run is finished when its directory holds `result.json`; a second
 invocation reuses finished runs made from the same spec (a changed config reruns; `--force` reruns all).
 
-The modules: `bench_plan` (the runs and their checks), `bench_runs` (running them), `bench_stats`
-(the leaderboard's figures); this one holds the worker's job, the outputs and the command line.
+Runs go `--jobs` at a time on this machine, or to a Ray cluster (`--launcher ray`); `--budget
+AXIS=AMOUNT` holds every row that can spend on the axis to one budget (`rlhfzoo.budget`);
+`--tune N` gives every algorithm N trials chosen on validation prompts before its final runs.
 
-Outputs in --out: leaderboard.json, leaderboard.md, frontier.png (gold vs KL), curves.png (gold
-and proxy reward during training), runs/<algorithm>/seed-<s>/{config.yaml, result.json,
-responses.json, log.txt, spec.json, .lock}.
+The modules: `bench_plan` (the runs and their checks), `bench_runs` and `bench_launch` (running
+them), `bench_tune` (--tune), `bench_stats`, `bench_bootstrap` and `bench_frontier` (the
+leaderboard's figures: bootstrap intervals, pairwise verdicts, the matched-KL frontier),
+`bench_report` (markdown and plots); this one holds the worker's job and the command line.
+
+Outputs in --out: leaderboard.json, leaderboard.md, frontier.png (gold vs KL), improvement.png
+(probability of improvement between rows), curves.png (gold and proxy reward during training
+against wall-clock; reward models apart), runs/<algorithm>/seed-<s>/{config.yaml, result.json,
+responses.json, log.txt, spec.json, .lock}, and with --tune tune/runs/<algorithm trial k>/...
 """
 
 from __future__ import annotations
@@ -60,12 +67,16 @@ from rlhfzoo.bench_plan import (  # noqa: F401  (BenchError, RunSpec, BASELINE a
     resolve_names,
     stages_needed,
 )
+from rlhfzoo.bench_launch import RunsInterrupted, bar_progress, run_all
+from rlhfzoo.bench_plan import BUDGET_STEP_CAP, parse_budget, validate_configs
+from rlhfzoo.bench_report import machine, markdown, plot_curves, plot_frontier, plot_improvement  # noqa: F401  (the outputs)
 from rlhfzoo.bench_runs import RunLock, die_with_parent, execute, read_spec, same_spec  # noqa: F401
-from rlhfzoo.bench_report import machine, markdown, plot_curves, plot_frontier  # noqa: F401  (the outputs)
-from rlhfzoo.bench_stats import aggregate, bradley_terry, mean_ci, win_rate  # noqa: F401
+from rlhfzoo.bench_stats import aggregate, analyse, bradley_terry, mean_ci, win_rate  # noqa: F401
+from rlhfzoo.bench_tune import apply_choice, check_tune, choose, trial_specs
+from rlhfzoo.budget import held_to
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import BenchProtocol
-from rlhfzoo.registry import DEFAULTS
+from rlhfzoo.registry import DEFAULTS, registry
 
 # ------------------------------------------------------------------------------------ one run (worker process)
 
@@ -99,12 +110,14 @@ def worker(spec: RunSpec) -> int:
         if bench.evaluation == "sampled":  # KL from the policy training started from
             reference = trainer.reference_for_eval() or cfg.policy.create(task=task).frozen_copy()
         result["budget"] = {
-            "optimizer_steps": cfg.train.steps,
+            "optimizer_steps": summary.get("step", cfg.train.steps),  # a budget may end the run before the cap
             "batch_size": cfg.train.batch_size,
             **summary.get("counters", {}),
             "reward_calls": summary.get("reward_source", {}).get("reward_calls", 0.0),
         }
         result["train_seconds"] = summary["train_seconds"]
+        if summary.get("budget"):  # train.budget (--budget): what the run spent of it
+            result["budget_run"] = summary["budget"]
         result["objective_eval"] = summary.get("eval", {})
         accuracy = bench.pair_accuracy_of(result["objective_eval"])
         if accuracy is not None:
@@ -140,7 +153,7 @@ def evaluate_row(spec: RunSpec, bench: BenchProtocol, policy, task, reward, cfg,
     rollouts: list = []
     record: dict[str, Any] = {"prompts": [], "responses": []}
     if bench.evaluation == "sampled":
-        prompts = task.eval_prompts()[: spec.eval_prompts]
+        prompts = task.eval_prompts()[spec.eval_offset : spec.eval_offset + spec.eval_prompts]
         rollouts = sample(policy, prompts, seed=10_000 + spec.seed)
         responses = [r for ro in rollouts for r in ro.responses]
         record = {"prompts": prompts, "responses": responses}
@@ -183,15 +196,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation (default: 200)")
     p.add_argument("--quick", action="store_true", help="one seed and 100 eval prompts: the README's main job and CI")
     p.add_argument("--force", action="store_true", help="rerun finished runs instead of reusing them")
+    p.add_argument(
+        "--jobs", type=int, default=1,
+        help="runs at the same time (default: 1); each gets max(1, cores // JOBS) CPU threads through its environment, "
+        "not its config, so a run's results do not depend on --jobs beyond float nondeterminism",
+    )
+    p.add_argument(
+        "--launcher", choices=("local", "ray"), default="local",
+        help="where runs execute (default: local): `ray` sends each run as a Ray task to the cluster at RAY_ADDRESS, "
+        "else to a Ray instance on this machine; --out and RLHFZOO_CACHE must then be on a filesystem every node "
+        "mounts at the same path. Needs pip install 'rlhfzoo[ray]'",
+    )
+    p.add_argument("--budget", metavar="AXIS=AMOUNT",
+                   help="hold every row to one budget: seconds, train_tokens, generated_tokens, reward_calls or examples "
+                   f"(rlhfzoo.budget); a row's steps become a cap ({BUDGET_STEP_CAP}x its protocol's), and a row that cannot "
+                   "spend on the axis runs its protocol's budget and says so")
+    p.add_argument("--tune", type=int, metavar="N",
+                   help="N hyperparameter trials per algorithm from its search space, chosen on validation prompts "
+                   "(held-out, after the test ones), then run with the bench's seeds (rlhfzoo.bench_tune)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # the worker process: its spec.json
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the run directory's lock, inherited from the bench
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # the bench: stop when it is gone
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_phase(specs: list[RunSpec], args, desc: str) -> list[dict[str, Any]] | None:
+    """Run `specs` (`--jobs` at a time, on `--launcher`) behind a progress bar; their results in
+    spec order, or None when interrupted (every finished run kept)."""
     from tqdm.auto import tqdm
 
+    bar = tqdm(total=len(specs), desc=desc, unit="run")
+    try:
+        results = run_all(specs, args.force, args.jobs, args.launcher, progress=bar_progress(bar))
+    except RunsInterrupted as e:
+        bar.close()
+        print(f"\ninterrupted: {e.finished} of {len(specs)} runs finished and kept; run the same command again to resume", file=sys.stderr)
+        return None
+    bar.close()
+    return results
+
+
+def budget_cells(specs: list[RunSpec], results: list[dict[str, Any]], axis: str) -> dict[str, str]:
+    """Per row, what it spent of `--budget`'s axis (mean over seeds; "step cap" where the cap ended
+    a run first), or why the row is not held to it."""
+    runs: dict[str, list[tuple[RunSpec, dict]]] = {}
+    for spec, res in zip(specs, results):
+        runs.setdefault(spec.label, []).append((spec, res))
+    cells = {}
+    for label, rs in runs.items():
+        spec = rs[0][0]
+        if spec.kind != "objective":
+            cells[label] = "not held: evaluated as is" if label == BASELINE else "not held: inference-time, spends at evaluation"
+            continue
+        entry = registry.get("objective", spec.name).cls
+        why = held_to(axis, entry.online, entry.needs_reward)
+        spent = [r["budget_run"] for _, r in rs if r.get("budget_run")]
+        if why:
+            cells[label] = f"not held: {why}"
+        elif spent:
+            used = sum(x["used"] for x in spent) / len(spent)
+            cells[label] = f"{used:.4g} / {spent[0]['limit']:g}" + ("" if all(x["reached"] for x in spent) else " (step cap)")
+    return cells
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         return run_worker(args.worker, args.lock_fd, args.parent_pid)
@@ -199,12 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.eval_prompts = 1, min(args.eval_prompts, 100)
     out = Path(args.out)
     specs = plan(args)  # every name resolved and every config validated before anything runs
+    task = load_run_config(specs[0]).task.create()
+    trials: list[RunSpec] = []
+    if args.tune is not None:
+        check_tune(args, len(task.eval_prompts()))
+        trials = trial_specs(specs, args.tune, out, task.has_gold_reward)
+        validate_configs(trials, "--tune")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BenchError(f"cannot create --out {out}: {e.strerror or e}. Choose a directory you can write to.") from None
-    for task, name in stages_needed(specs):  # before any run: every row starts from the same cached stages
-        stages.build(name, task, log=print, progress=True)
+    for stage_task, name in stages_needed(specs):  # before any run: every row starts from the same cached stages
+        stages.build(name, stage_task, log=print, progress=True)
     meta = {
         "task": specs[0].config["task"]["name"],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -213,25 +287,34 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "eval_prompts": args.eval_prompts,
     }
-    results: list[dict[str, Any]] = []
-    bar = tqdm(specs, desc="bench", unit="run")
-    try:
-        for spec in bar:
-            bar.set_postfix_str(f"{spec.label} seed {spec.seed}")
-            results.append(execute(spec, args.force))
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\ninterrupted: {len(results)} of {len(specs)} runs finished and kept; run the same command again to resume", file=sys.stderr)
+    tuning = None
+    if trials:  # --tune: the trials first, then every algorithm's chosen setting with the bench's seeds
+        trial_results = run_phase(trials, args, "tune")
+        if trial_results is None:
+            return 130
+        tuning = choose(trials, trial_results)
+        specs = apply_choice(specs, tuning)
+    results = run_phase(specs, args, "bench")
+    if results is None:
         return 130
-    bar.close()
-    rows = aggregate(specs, results)
-    (out / "leaderboard.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
-    md = markdown(rows, meta)
+    analysis = analyse(specs, results)
+    if tuning:
+        analysis["tuning"] = tuning
+    budget = parse_budget(args.budget)
+    if budget:
+        meta["budget"] = {"axis": budget[0], "limit": budget[1], "step_cap": BUDGET_STEP_CAP}
+        cells = budget_cells(specs, results, budget[0])
+        for row in analysis["rows"]:
+            row["budget_held"] = cells.get(row["algorithm"], "–")
+    rows = analysis["rows"]
+    (out / "leaderboard.json").write_text(json.dumps({"meta": meta, **analysis}, indent=1, default=float))
+    md = markdown(rows, meta, analysis)
     (out / "leaderboard.md").write_text(md)
-    plot_frontier(rows, out / "frontier.png")
+    plot_frontier(rows, out / "frontier.png", analysis["frontier"])
+    plot_improvement(rows, analysis["pairwise"], out / "improvement.png")
     plot_curves(specs, results, rows, out / "curves.png")
     print(md)
-    print(f"outputs in {out}: leaderboard.json, leaderboard.md, frontier.png, curves.png")
+    print(f"outputs in {out}: leaderboard.json, leaderboard.md, frontier.png, improvement.png, curves.png")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

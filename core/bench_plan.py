@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from rlhfzoo import stages
+from rlhfzoo.budget import BUDGET_AXES, check_budget, held_to
 from rlhfzoo.config import REQUIRED_SECTIONS, ConfigError, RunConfig, apply_overrides, parse_value, read_yaml, resolve
 from rlhfzoo.errors import UserError
 from rlhfzoo.interfaces import BenchProtocol, Task
@@ -50,6 +51,7 @@ class RunSpec:
     directory: str
     eval_prompts: int
     variant: dict[str, Any] = field(default_factory=dict)
+    eval_offset: int = 0  # held-out prompts skipped before the `eval_prompts` scored (`--tune`'s validation prompts follow the test ones)
 
 
 def load_run_config(spec: RunSpec) -> RunConfig:
@@ -70,10 +72,18 @@ def protocol(kind: str, name: str) -> BenchProtocol:
 
 
 def check_counts(args) -> None:
-    """Counts that must be positive for a bench to mean anything."""
-    for flag, value, what in (("--seeds", args.seeds, "runs per algorithm"), ("--eval-prompts", args.eval_prompts, "held-out prompts each run is scored on")):
+    """Counts that must be positive for a bench to mean anything, and a launcher that can run."""
+    for flag, value, what in (
+        ("--seeds", args.seeds, "runs per algorithm"),
+        ("--eval-prompts", args.eval_prompts, "held-out prompts each run is scored on"),
+        ("--jobs", args.jobs, "runs at the same time"),
+    ):
         if value < 1:
             raise BenchError(f"{flag} must be at least 1 ({what}), got {value}.")
+    if args.launcher == "ray":
+        from rlhfzoo.bench_launch import import_ray  # it imports this module
+
+        import_ray()  # Ray installed, or a BenchError naming the extra
 
 
 def check_out(out: Path) -> None:
@@ -145,6 +155,22 @@ def parse_sweep(text: str | None) -> tuple[str | None, list[Any]]:
         seen.add(json.dumps(value, sort_keys=True, default=str))
         parsed.append(value)
     return key, parsed
+
+
+BUDGET_STEP_CAP = 10  # --budget: a row's steps are capped at this many times its protocol's
+
+
+def parse_budget(text: str | None) -> tuple[str, float] | None:
+    """`--budget AXIS=AMOUNT` -> (axis, amount), checked as `train.budget` is (`rlhfzoo.budget`)."""
+    if not text:
+        return None
+    axis, sep, amount = text.partition("=")
+    usage = f"--budget must look like AXIS=AMOUNT with AXIS one of {', '.join(BUDGET_AXES)} (e.g. seconds=60), got {text!r}"
+    try:
+        (axis, value), = check_budget({axis.strip(): float(amount)}).items()
+    except ValueError as e:
+        raise BenchError(f"{usage}: {e}" if sep else usage) from None
+    return axis, value
 
 
 # ------------------------------------------------------------------------------------ names
@@ -289,6 +315,7 @@ def plan(args) -> list[RunSpec]:
     algorithms = default_algorithms(task) if args.algorithms is None else [n.strip() for n in args.algorithms.split(",") if n.strip()]
     names = resolve_names(algorithms)
     sweep_key, sweep_values = parse_sweep(args.sweep)
+    budget = parse_budget(getattr(args, "budget", None))
     swept = set()
     specs: list[RunSpec] = []
     for seed in range(args.seeds):
@@ -321,6 +348,8 @@ def plan(args) -> list[RunSpec]:
                     train.update(seed=seed, eval_prompts=args.eval_prompts, progress=False)
                     if bench.evaluation == "sampled":  # learning curves; a scorer (reward model) is not sampled from
                         train.setdefault("eval_every", max(1, train["steps"] // 4) if isinstance(train["steps"], int) else 1)
+                    if budget and not held_to(budget[0], entry.cls.online, entry.cls.needs_reward) and isinstance(train["steps"], int):
+                        train.update(budget={budget[0]: budget[1]}, steps=train["steps"] * BUDGET_STEP_CAP)  # the budget ends the run
                     algorithm = {"name": name, **bench.options}
                     cfg = {"task": task, "policy": policy, "algorithm": algorithm, "train": train, "output_dir": str(Path(d) / "train")}
                     if (entry.cls.online or entry.cls.needs_reward) and reward:

@@ -25,6 +25,9 @@ terms as a built-in one:
 - `kl`: `sampled` -- KL(policy || start) estimated from the sampled responses' log-probs;
   `analytic` -- the policy's closed form (`Policy.analytic_kl`; for best-of-n log N - (N-1)/N, an
   upper bound once rewards tie).
+- `search`: what `--tune` varies, dotted options with their values (`{"train.lr": (1e-4, 3e-4),
+  "algorithm.beta": (0.1, 0.3)}`); by default the learning rate at 1/3, 1 and 3 times `train`'s,
+  crossed with the KL knob's values (`rlhfzoo.bench_tune`).
 - `base_option`, `reward_option` (inference-time policies): the options that receive the policy
   every row starts from and the reward section the row is to use (best-of-n's `base`, `reward`).
 """
@@ -49,6 +52,7 @@ class BenchProtocol:
     kl: Literal["sampled", "analytic"] = "sampled"
     base_option: str | None = None
     reward_option: str | None = None
+    search: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.evaluation not in ("sampled", "scorer"):
@@ -57,6 +61,9 @@ class BenchProtocol:
             raise ValueError(f"BenchProtocol.kl must be 'sampled' or 'analytic', got {self.kl!r}")
         if bool(self.kl_knob) != bool(self.kl_sweep):
             raise ValueError("BenchProtocol: give kl_knob and kl_sweep together (the option and the values `--sweep kl` tries)")
+        for key, values in self.search.items():
+            if key.split(".")[0] not in ("train", "algorithm", "policy") or "." not in key or not values:
+                raise ValueError(f"BenchProtocol.search: {key!r} must be a dotted train./algorithm./policy. option with at least one value")
         if self.pair_accuracy is not None and len(self.pair_accuracy) != 2:
             raise ValueError("BenchProtocol.pair_accuracy is a pair of keys: (accuracy, number of pairs)")
 

@@ -1,5 +1,5 @@
-"""What `rlhfzoo bench` writes: the leaderboard's markdown and its plots, from the rows
-`bench_stats.aggregate` computes."""
+"""What `rlhfzoo bench` writes: the leaderboard's markdown and its plots (frontier.png,
+improvement.png, curves.png), from what `bench_stats.analyse` computes."""
 
 from __future__ import annotations
 
@@ -8,72 +8,176 @@ import math
 import os
 from pathlib import Path
 
-from rlhfzoo.bench_plan import RunSpec, protocol
+from rlhfzoo.bench_plan import BASELINE, RunSpec, protocol
 
 
 def fmt(stat: dict | None, digits: int = 3) -> str:
+    """`mean [low, high]` with the bootstrap interval where there is one, else `mean ± t half-width`
+    over seeds (one seed: ± 1.96 prompt- or pair-level SE)."""
     if not stat:
         return "–"
-    m, ci = stat["mean"], stat.get("ci95", float("nan"))
+    m = stat["mean"]
+    if stat.get("ci") and all(math.isfinite(c) for c in stat["ci"]):
+        return f"{m:.{digits}f} [{stat['ci'][0]:.{digits}f}, {stat['ci'][1]:.{digits}f}]"
+    ci = stat.get("ci95", float("nan"))
     spread = ci if not math.isnan(ci) else 1.96 * stat.get("prompt_se", stat.get("pair_se", float("nan")))
     return f"{m:.{digits}f} ± {spread:.{digits}f}" if not math.isnan(spread) else f"{m:.{digits}f}"
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def ranks(rows: list[dict], pairs: list[dict]) -> dict[str, int]:
+    """Rank of each row with gold: 1 + the number of rows resolved better than it (the difference's
+    interval excludes 0). Rows nothing separates share a rank: ties are reported as ties."""
+    better = {(p["a"], p["b"]) for p in pairs if p["verdict"] == "better"}
+    labels = [r["algorithm"] for r in rows if r.get("gold")]
+    return {x: 1 + sum((y, x) in better for y in labels if y != x) for x in labels}
+
+
+def markdown(rows: list[dict], meta: dict, analysis: dict | None = None) -> str:
+    """The leaderboard: the table of rows (best first, tied ranks), then, where the rows were
+    sampled, the matched-KL frontier and the resolved and unresolved pairs."""
+    from rlhfzoo.bench_frontier import frontier_markdown
+
+    analysis = analysis or {}
+    pairs = analysis.get("pairwise") or []
+    rank = ranks(rows, pairs)
+    vs_sft = {p["a"]: p for p in pairs if p["b"] == BASELINE}
+    budget = meta.get("budget")
     lines = [
         f"# rlhfzoo bench — task `{meta['task']}`",
         "",
         f"{meta['date']}, {meta['machine']}; command: `{meta['command']}`",
         "",
-        "Gold, proxy and KL: mean over seeds ± 95 % CI (one seed: ± 1.96 prompt-level SE). Win rate: share of held-out "
-        "prompts whose gold reward beats the SFT policy's response (ties half). Elo: Bradley–Terry fit of all pairwise gold win rates. "
-        "Pair acc.: share of the task's held-out preference pairs ordered as labelled (ties half) by the implicit reward "
-        "log pi/pi_ref (preference objectives) or the reward model's score, mean over seeds ± 95 % CI (one seed: ± 1.96 pair-level SE).",
+        "Gold, proxy and KL: mean over seeds and held-out prompts [95 % bootstrap interval over seeds and prompts "
+        "(one seed: prompts only, seed-to-seed variation not covered)]; without a bootstrap ± the t-based 95 % half-width over seeds. "
+        "IQM: interquartile mean of the seeds' gold (rliable). Rank: 1 + the rows whose gold is resolved above this one (the interval "
+        "of the paired difference excludes 0); rows nothing separates share a rank. Vs SFT: P(row > SFT) over seeds (rliable's "
+        "probability of improvement) and the verdict. Win rate: share of held-out prompts whose gold beats the SFT policy's "
+        "response (ties half). Elo: Bradley–Terry fit of all pairwise gold win rates. Pair acc.: share of the task's held-out "
+        "preference pairs ordered as labelled by the implicit reward log pi/pi_ref or the reward model's score.",
         "",
-        "| algorithm | gold | proxy | KL | pair acc. | win vs SFT | Elo | optimizer steps | generated tokens | RM calls | train s | peak MiB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if budget:
+        lines += [f"Budget: every row that can spend on it is held to {budget['axis']} = {budget['limit']:g} (its steps capped at "
+                  f"{budget['step_cap']}x its protocol's); `budget` says what each row spent, or why it is not held.", ""]
+    head = ["rank", "algorithm", "gold", "IQM", "proxy", "KL", "pair acc.", "vs SFT", "win vs SFT", "Elo",
+            "optimizer steps", "generated tokens", "RM calls", "train s", "peak MiB"] + (["budget"] if budget else []) + ["status"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         b = r.get("budget", {})
-        wr = f"{r['win_rate_vs_sft']:.2f}" if "win_rate_vs_sft" in r else "–"
-        elo = f"{r['elo']:.0f}" if r.get("elo") is not None else "–"
-        ts = f"{r['train_seconds']['mean']:.0f}" if "train_seconds" in r else "–"
-        mem = f"{r['peak_rss_mb']['mean']:.0f}" if "peak_rss_mb" in r else "–"
-        lines.append(
-            f"| {r['algorithm']} | {fmt(r.get('gold'))} | {fmt(r.get('proxy'))} | {fmt(r.get('kl'), 2)} | {fmt(r.get('pair_accuracy'))} | {wr} | {elo} | "
-            f"{b.get('optimizer_steps', 0):.0f} | {b.get('generated_tokens', 0):.0f} | {b.get('reward_calls', 0):.0f} | {ts} | {mem} | {r['status']} |"
-        )
+        gold = r.get("gold") or {}
+        iqm = fmt({"mean": gold["iqm"], "ci": gold.get("iqm_ci")}) if "iqm" in gold else "–"
+        sft = vs_sft.get(r["algorithm"])
+        sft_cell = f"{sft['probability_of_improvement']['mean']:.2f} {sft['verdict']}" if sft else "–"
+        cells = [
+            str(rank.get(r["algorithm"], "–")), r["algorithm"], fmt(r.get("gold")), iqm, fmt(r.get("proxy")), fmt(r.get("kl"), 2),
+            fmt(r.get("pair_accuracy")), sft_cell, f"{r['win_rate_vs_sft']:.2f}" if "win_rate_vs_sft" in r else "–",
+            f"{r['elo']:.0f}" if r.get("elo") is not None else "–",
+            f"{b.get('optimizer_steps', 0):.0f}", f"{b.get('generated_tokens', 0):.0f}", f"{b.get('reward_calls', 0):.0f}",
+            f"{r['train_seconds']['mean']:.0f}" if "train_seconds" in r else "–",
+            f"{r['peak_rss_mb']['mean']:.0f}" if "peak_rss_mb" in r else "–",
+        ] + ([r.get("budget_held", "–")] if budget else []) + [r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r.get("errors")]
     if failed:
         lines += ["", "Failures:"] + [f"- {r['algorithm']}: {e}" for r in failed for e in r["errors"]]
+    if analysis.get("tuning"):
+        lines += ["", "## Tuning (`--tune`)", "", tuning_markdown(analysis["tuning"])]
+    if analysis.get("frontier"):
+        lines += ["", "## Matched-KL frontier", "", frontier_markdown(analysis["frontier"], (analysis.get("bootstrap") or {}).get("interval", ""))]
+    if pairs:
+        lines += ["", "## Pairs", "", pairs_markdown(rows, pairs)]
     return "\n".join(lines) + "\n"
 
 
-def plot_frontier(rows: list[dict], path: Path) -> None:
+def pairs_markdown(rows: list[dict], pairs: list[dict]) -> str:
+    """Every pair of rows with gold once, the better-ranked first: the paired gold difference, the
+    probability of improvement, and whether the difference is resolved."""
+    order = {r["algorithm"]: i for i, r in enumerate(rows)}
+    lines = ["Gold difference a - b, paired over prompts, with its 95 % bootstrap interval; P(a > b) over seeds (rliable) with its "
+             "interval. Resolved: the difference's interval excludes 0; otherwise a tie.", "",
+             "| a | b | gold a - b | P(a > b) | verdict |", "|---|---|---|---|---|"]
+    shown = sorted((p for p in pairs if order.get(p["a"], 0) < order.get(p["b"], 0)), key=lambda p: (order[p["a"]], order[p["b"]]))
+    for p in shown:
+        d, poi = p["gold_difference"], p["probability_of_improvement"]
+        lines.append(f"| {p['a']} | {p['b']} | {fmt(d)} | {fmt(poi, 2)} | {'resolved: a better' if p['verdict'] == 'better' else 'resolved: b better' if p['verdict'] == 'worse' else 'tie'} |")
+    resolved = sum(p["verdict"] != "tie" for p in shown)
+    lines += ["", f"{resolved} of {len(shown)} pairs resolved, {len(shown) - resolved} ties."]
+    return "\n".join(lines) + "\n"
+
+
+def tuning_markdown(tuning: dict) -> str:
+    """What `--tune` tried and chose for every tuned algorithm (validation gold per trial)."""
+    lines = ["Trials scored by mean gold on validation prompts (held-out, disjoint from the test prompts of the table); "
+             "the chosen setting ran with the bench's seeds.", "", "| algorithm | chosen | validation gold | trials |", "|---|---|---|---|"]
+    for name, t in tuning.items():
+        tried = "; ".join(f"{_setting(x['setting'])}: {x['validation_gold']:.3f}" if x["validation_gold"] is not None else f"{_setting(x['setting'])}: failed"
+                          for x in t["trials"])
+        lines.append(f"| {name} | {_setting(t['setting'])} | {t['validation_gold']:.3f} | {tried} |")
+    return "\n".join(lines) + "\n"
+
+
+def _setting(setting: dict | None) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in (setting or {}).items()) or "–"
+
+
+def plot_frontier(rows: list[dict], path: Path, entries: list[dict] | None = None) -> None:
+    """Gold against KL per algorithm with error bars on both (the frontier's bootstrap intervals),
+    from the SFT baseline at KL 0, and the common KL K* the frontier table compares at."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if r.get("gold") and r.get("kl"):
-            groups.setdefault(r["name"] if r["kind"] == "objective" else r["algorithm"], []).append(r)
-    for name, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["kl"]["mean"])
-        xs = [r["kl"]["mean"] for r in rs]
-        ys = [r["gold"]["mean"] for r in rs]
-        err = [r["gold"].get("ci95") if not math.isnan(r["gold"].get("ci95", float("nan"))) else 1.96 * r["gold"]["prompt_se"] for r in rs]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name, linestyle="-" if len(rs) > 1 else "none")
-    ax.set_xlabel("KL(policy || SFT reference), nats per response")
+    for e in entries or []:
+        pts = e["points"]
+        xs, ys = [p["kl"] for p in pts], [p["gold"] for p in pts]
+        xerr = [[max(0.0, p["kl"] - p.get("kl_ci", [p["kl"]] * 2)[0]) for p in pts], [max(0.0, p.get("kl_ci", [p["kl"]] * 2)[1] - p["kl"]) for p in pts]]
+        yerr = [[max(0.0, p["gold"] - p.get("gold_ci", [p["gold"]] * 2)[0]) for p in pts], [max(0.0, p.get("gold_ci", [p["gold"]] * 2)[1] - p["gold"]) for p in pts]]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=e["algorithm"])
+    if entries and math.isfinite(entries[0]["auc"]["kl_max"]):
+        ax.axvline(entries[0]["auc"]["kl_max"], color="grey", linestyle=":", label="K* (common KL)")
+    ax.set_xlabel("KL(policy || SFT policy), nats per response")
     ax.set_ylabel("held-out gold reward")
-    ax.set_title("Gold reward against KL (over-optimisation frontier)")
+    ax.set_title("Gold reward against KL (matched-KL frontier)")
     ax.grid(alpha=0.3)
-    if groups:
+    if entries:
         ax.legend(fontsize=8)
     else:  # e.g. hh-rlhf: human labels, no gold reward to plot
         ax.text(0.5, 0.5, "no gold reward on this task", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_improvement(rows: list[dict], pairs: list[dict], path: Path) -> None:
+    """The probability-of-improvement matrix: cell (i, j) = P(row i > row j) over seeds, resolved
+    pairs (gold difference interval excluding 0) marked with a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlhfzoo.bench_stats import pairwise_matrix
+
+    labels = [r["algorithm"] for r in rows if r.get("gold") and r.get("interval")]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * max(len(labels), 2), 1 + 0.5 * max(len(labels), 2)))
+    if labels and pairs:
+        matrix = pairwise_matrix(pairs, labels)
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="RdBu")
+        fig.colorbar(image, ax=ax, label="P(row > column)")
+        verdicts = {(p["a"], p["b"]): p["verdict"] for p in pairs}
+        for i, a in enumerate(labels):
+            for j, b in enumerate(labels):
+                if i != j and math.isfinite(matrix[i][j]):
+                    mark = "*" if verdicts.get((a, b)) in ("better", "worse") else ""
+                    ax.text(j, i, f"{matrix[i][j]:.2f}{mark}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title("Probability of improvement (* resolved)")
+    else:
+        ax.text(0.5, 0.5, "no sampled rows with gold", ha="center", va="center", transform=ax.transAxes)
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

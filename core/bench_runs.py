@@ -1,20 +1,24 @@
 """Running one `rlhfzoo bench` row in its own worker process, safely.
 
 Each run executes in `python -m rlhfzoo.bench --worker <run dir>/spec.json`, so a crash is
-contained (its row is marked failed) and its peak memory is its own. Two guarantees keep a
+contained (its row is marked failed) and its peak memory is its own; `bench_launch` decides
+where and how many at once (`execute` here is one run, start to end). Two guarantees keep a
 run directory owned by exactly one live worker:
 
-- **The run directory is locked while a worker owns it.** The bench takes an exclusive,
-  non-blocking `flock` on `<run dir>/.lock` before touching the directory, and hands that lock
-  to its worker (the same open file), so the lock lasts until both are gone. A second bench
-  on the same `--out` that finds a directory locked leaves it alone and marks the row failed
-  ("in use", naming the process); a worker started by hand on a locked directory refuses.
-- **A worker dies with its bench parent**, even on `kill -9`: on Linux the kernel kills it
-  the moment the parent dies (the worker asks for it first thing, `prctl(PR_SET_PDEATHSIG,
+- **The run directory is locked while a worker owns it.** The process that starts the worker
+  (the bench; with `--launcher ray`, the Ray task running `execute` on its node, the bench
+  holding nothing meanwhile) takes an exclusive, non-blocking `flock` on `<run dir>/.lock`
+  before touching the directory, and hands that lock to its worker (the same open file), so
+  the lock lasts until both are gone. A second bench on the same `--out` that finds a
+  directory locked leaves it alone and marks the row failed ("in use", naming the process); a
+  worker started by hand on a locked directory refuses.
+- **A worker dies with its parent**, even on `kill -9`: on Linux the kernel kills it the
+  moment the parent dies (the worker asks for it first thing, `prctl(PR_SET_PDEATHSIG,
   SIGKILL)`, then checks that the parent has not died already); everywhere, a watchdog thread
   in the worker stops it within a second of its parent's death (its parent process id changes).
   The worker does this itself rather than in a `preexec_fn`, which is unsafe in a process with
-  threads (the bench's progress bar has one).
+  threads (the bench's progress bar has one). The parent is the bench, or with Ray the Ray
+  worker process running the task, which Ray ends when the task is cancelled or the bench ends.
 
 POSIX only (`fcntl`).
 """
@@ -161,49 +165,106 @@ def read_spec(path: str | Path) -> RunSpec:
 
 
 def same_spec(path: Path, spec: RunSpec) -> bool:
-    """Whether a finished run was made from this very spec (a changed config or budget reruns it)."""
+    """Whether a finished run was made from this very spec (a changed config or budget reruns it).
+    A field added to `RunSpec` since the run was made counts at its default, so finished runs
+    survive an upgrade that does not change what they did."""
     try:
-        return json.loads(path.read_text()) == json.loads(json.dumps(asdict(spec)))
-    except (OSError, ValueError):
+        made = RunSpec(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
         return False
+    return json.loads(json.dumps(asdict(made))) == json.loads(json.dumps(asdict(spec)))
 
 
-def launch(spec_path: Path, lock: RunLock, log) -> int:
-    """Run the worker on `spec_path` to the end, handing it the run directory's lock; its exit status."""
-    command = [sys.executable, "-m", "rlhfzoo.bench", "--worker", str(spec_path), "--lock-fd", str(lock.fd), "--parent-pid", str(os.getpid())]
-    proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, pass_fds=(lock.fd,))
-    return proc.returncode
+def worker_args(spec_path: Path) -> list[str]:
+    """The worker's command line after the interpreter. The launchers add `--lock-fd` and
+    `--parent-pid`; `bench_launch.run_all` takes a stand-in (tests give it a script)."""
+    return ["-m", "rlhfzoo.bench", "--worker", str(spec_path)]
 
 
-def execute(spec: RunSpec, force: bool) -> dict[str, Any]:
-    """One row's result: reused when finished from the same spec, else run by a worker. A run
-    directory locked by another bench is left untouched and its row marked failed."""
+def worker_env(threads: int | None, variables: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The worker's environment: this process's, plus `variables`, with `threads` CPU threads
+    (OMP_NUM_THREADS, MKL_NUM_THREADS: torch's intra-op default). None: this process's as is."""
+    if threads is None and not variables:
+        return None
+    env = {**os.environ, **(variables or {})}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def start_worker(spec_path: Path, lock: RunLock, log, env: dict[str, str] | None = None, args: list[str] | None = None) -> subprocess.Popen:
+    """Start the worker on `spec_path`, handing it the run directory's lock, with its output to
+    `log`. Call it from the main thread (see `request_death_signal`)."""
+    command = [sys.executable, *(args or worker_args(spec_path)), "--lock-fd", str(lock.fd), "--parent-pid", str(os.getpid())]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, pass_fds=(lock.fd,), env=env)
+
+
+def wait_or_kill(proc: subprocess.Popen) -> int:
+    """The worker's exit status; killed (and reaped) if this process is interrupted meanwhile."""
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def execute(spec: RunSpec, force: bool, env: dict[str, str] | None = None, args: list[str] | None = None) -> dict[str, Any]:
+    """One row's result: reused when finished from the same spec, else run by a worker (with
+    `env` and the command line `args`, as `start_worker`). A run directory locked by another
+    bench is left untouched and its row marked failed."""
     d = Path(spec.directory)
     d.mkdir(parents=True, exist_ok=True)
     lock = RunLock(d)
     try:
         lock.acquire()
     except RunBusy as e:
-        return {"label": spec.label, "name": spec.name, "seed": spec.seed, "kind": spec.kind, "status": "failed", "error": str(e)}
+        return busy_row(spec, e)
     try:
-        return execute_locked(spec, force, lock)
+        reused = prepare(spec, force)
+        if reused is not None:
+            return reused
+        with open(d / "log.txt", "w") as log:
+            returncode = wait_or_kill(start_worker(d / "spec.json", lock, log, env, args))
+        return finish(spec, returncode)
     finally:
         lock.release()
 
 
-def execute_locked(spec: RunSpec, force: bool, lock: RunLock) -> dict[str, Any]:
+def busy_row(spec: RunSpec, error: RunBusy) -> dict[str, Any]:
+    """The failed row of a run whose directory another bench holds."""
+    return {"label": spec.label, "name": spec.name, "seed": spec.seed, "kind": spec.kind, "status": "failed", "error": str(error)}
+
+
+def reusable(spec: RunSpec) -> dict[str, Any] | None:
+    """The run's finished result, marked reused, when it was made from this very spec."""
     d = Path(spec.directory)
     done = d / "result.json"
-    if done.exists() and not force and same_spec(d / "spec.json", spec):
+    if done.exists() and same_spec(d / "spec.json", spec):
         result = json.loads(done.read_text())
         if result.get("status") == "ok":
             result["reused"] = True
             return result
-    done.unlink(missing_ok=True)
-    spec_path = d / "spec.json"
-    spec_path.write_text(json.dumps(asdict(spec), indent=1))
-    with open(d / "log.txt", "w") as log:
-        returncode = launch(spec_path, lock, log)
+    return None
+
+
+def prepare(spec: RunSpec, force: bool) -> dict[str, Any] | None:
+    """Holding the run directory's lock: the finished result to reuse (unless `force`), else None
+    once the directory is ready for a worker (its old result gone, spec.json written)."""
+    reused = None if force else reusable(spec)
+    if reused is not None:
+        return reused
+    d = Path(spec.directory)
+    (d / "result.json").unlink(missing_ok=True)
+    (d / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
+    return None
+
+
+def finish(spec: RunSpec, returncode: int) -> dict[str, Any]:
+    """Holding the run directory's lock, its worker gone: the run's result, or its row marked
+    failed (and failed.json written). A worker stopped by Ctrl-C raises KeyboardInterrupt."""
+    d = Path(spec.directory)
+    done = d / "result.json"
     if returncode == 0 and done.exists():
         return json.loads(done.read_text())
     if returncode in (-2, 130):  # Ctrl-C reached the worker too

@@ -37,9 +37,9 @@ def test_bench_outputs_and_resume(env, tmp_path):
     out = tmp_path / "bench"
     r = bench("--task", "sentiment", "--algorithms", "slic-hf,dpo", "--seeds", "1", "--out", str(out), "--reward", "gold", *TINY, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for f in ("leaderboard.json", "leaderboard.md", "frontier.png", "curves.png"):
+    for f in ("leaderboard.json", "leaderboard.md", "frontier.png", "improvement.png", "curves.png"):
         assert (out / f).exists(), f
-    for png in ("frontier.png", "curves.png"):
+    for png in ("frontier.png", "improvement.png", "curves.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         from PIL import Image
@@ -67,6 +67,36 @@ def test_bench_outputs_and_resume(env, tmp_path):
     assert again.returncode == 0
     assert (out / "runs" / "dpo" / "seed-0" / "result.json").stat().st_mtime_ns == before  # reused, not rerun
     assert not (out / "runs" / "dpo" / "seed-0" / "log.txt").read_text() == ""
+
+
+@pytest.mark.slow
+def test_bench_tunes_on_validation_prompts_holds_a_budget_and_runs_two_at_a_time(env, tmp_path):
+    out = tmp_path / "bench"
+    args = ["--task", "sentiment", "--algorithms", "dpo", "--seeds", "2", "--tune", "2", "--budget", "examples=6", "--jobs", "2",
+            "--out", str(out), "--reward", "gold", *TINY]
+    r = bench(*args, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    board = json.loads((out / "leaderboard.json").read_text())
+    tuning = board["tuning"]["dpo"]
+    assert len(tuning["trials"]) == 2 and tuning["setting"] in [t["setting"] for t in tuning["trials"]]
+    assert tuning["validation_gold"] == max(t["validation_gold"] for t in tuning["trials"])
+    trial_prompts = json.loads(next((out / "tune").rglob("responses.json")).read_text())["prompts"]
+    test_prompts = json.loads((out / "runs" / "dpo" / "seed-0" / "responses.json").read_text())["prompts"]
+    assert len(trial_prompts) == len(test_prompts) == 24 and not set(trial_prompts) & set(test_prompts)  # validation != test
+    import yaml
+
+    final = yaml.safe_load((out / "runs" / "dpo" / "seed-1" / "config.yaml").read_text())
+    assert final["algorithm"]["beta"] == tuning["setting"]["algorithm.beta"] and final["train"]["lr"] == tuning["setting"]["train.lr"]
+    assert final["train"]["budget"] == {"examples": 6.0} and final["train"]["seed"] == 1
+    rows = {row["algorithm"]: row for row in board["rows"]}
+    assert rows["dpo"]["budget_held"] == "8 / 6"  # 4 pairs a step: the second step spends the budget
+    assert rows["dpo"]["budget"]["optimizer_steps"] == 2  # the steps taken, not the cap of 20
+    assert rows["dpo"]["interval"] == "seeds and prompts" and len(rows["dpo"]["gold"]["ci"]) == 2
+    vs_sft = [p for p in board["pairwise"] if p["a"] == "dpo" and p["b"] == "sft-baseline"]
+    assert len(vs_sft) == 1 and vs_sft[0]["verdict"] in ("better", "worse", "tie")
+    assert [e["algorithm"] for e in board["frontier"]] == ["dpo"]
+    md = (out / "leaderboard.md").read_text()
+    assert "## Tuning" in md and "## Matched-KL frontier" in md and "## Pairs" in md and "| 8 / 6 |" in md
 
 
 @pytest.mark.slow  # a subprocess or a few seconds of training: not in the fast tier
@@ -126,8 +156,8 @@ def test_markdown_without_gold():
     ]
     md = markdown(rows, {"task": "hh-rlhf", "date": "today", "machine": "here", "command": "rlhfzoo bench --task hh-rlhf"})
     assert "| pair acc. |" in md
-    assert "| dpo | – | – | – | 0.750 ± 0.196 | – | – |" in md
-    assert "| sft-baseline | – | – | 0.00 ± 0.00 | – |" in md
+    assert "| – | dpo | – | – | – | – | 0.750 ± 0.196 | – | – | – |" in md  # rank, gold, IQM, proxy, KL: none without gold
+    assert "| sft-baseline | – | – | – | 0.00 ± 0.00 | – |" in md
 
 
 @pytest.mark.slow
@@ -181,6 +211,11 @@ def test_a_finished_run_is_reused_only_for_the_same_spec(tmp_path):
     assert same_spec(path, spec)
     changed = RunSpec("dpo", "dpo", "objective", 0, {"train": {"steps": 80, "lr": 1e-4}}, str(tmp_path), 200)
     assert not same_spec(path, changed)  # a new budget or config reruns the row
+    older = {k: v for k, v in asdict(spec).items() if k != "eval_offset"}  # written before RunSpec had the field
+    path.write_text(json.dumps(older))
+    assert same_spec(path, spec) and not same_spec(path, RunSpec(**{**asdict(spec), "eval_offset": 200}))
+    path.write_text(json.dumps({**older, "unknown": 1}))
+    assert not same_spec(path, spec)
     path.write_text("{not json")
     assert not same_spec(path, spec)
 
@@ -192,6 +227,6 @@ def test_mean_ci_by_hand():
 
     m, se, ci = mean_ci([1.0, 2.0, 4.0])  # sd = sqrt((16/9 + 1/9 + 25/9) / 2) = sqrt(7/3)
     assert m == pytest.approx(7 / 3) and se == pytest.approx(math.sqrt(7 / 3) / math.sqrt(3))
-    assert ci == pytest.approx(4.30 * se)  # t(0.975, 2 dof)
+    assert ci == pytest.approx(4.3027 * se, rel=1e-4)  # t(0.975, 2 dof) = 4.3027
     assert mean_ci([1.0])[0] == 1.0 and math.isnan(mean_ci([1.0])[1]) and math.isnan(mean_ci([1.0])[2])
     assert all(math.isnan(x) for x in mean_ci([]))

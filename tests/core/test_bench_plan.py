@@ -161,3 +161,23 @@ def test_only_sampled_rows_are_evaluated_during_training(tmp_path):
     specs = {s.name: s for s in plan(parse("--algorithms", "dpo,bradley-terry", "--seeds", "1", out=tmp_path))}
     assert specs["dpo"].config["train"]["eval_every"] >= 1  # learning curves of a policy
     assert "eval_every" not in specs["bradley-terry"].config["train"]  # a reward model is not sampled from
+
+
+def test_budget_holds_the_rows_that_can_spend_on_its_axis(tmp_path):
+    from rlhfzoo.bench_plan import BUDGET_STEP_CAP
+    from rlhfzoo.registry import registry
+
+    specs = {s.name: s for s in plan(parse("--algorithms", "dpo,grpo,best-of-n", "--seeds", "1", "--budget", "generated_tokens=5000", out=tmp_path))}
+    protocol_steps = {n: registry.get("objective", n).cls.bench.train["steps"] for n in ("dpo", "grpo")}
+    assert specs["grpo"].config["train"]["budget"] == {"generated_tokens": 5000.0}
+    assert specs["grpo"].config["train"]["steps"] == protocol_steps["grpo"] * BUDGET_STEP_CAP  # a cap; the budget ends the run
+    assert "budget" not in specs["dpo"].config["train"] and specs["dpo"].config["train"]["steps"] == protocol_steps["dpo"]  # samples nothing
+    everyone = {s.name: s for s in plan(parse("--algorithms", "dpo,grpo", "--seeds", "1", "--budget", "seconds=30", out=tmp_path / "b"))}
+    assert all(everyone[n].config["train"]["budget"] == {"seconds": 30.0} for n in ("dpo", "grpo"))
+
+
+@pytest.mark.parametrize("text, match", [("seconds", "must look like AXIS=AMOUNT"), ("flops=3", "unknown budget axis 'flops'"),
+                                         ("seconds=-1", "positive"), ("seconds=abc", "must look like")])
+def test_a_bad_budget_is_one_message(text, match, tmp_path):
+    with pytest.raises(BenchError, match=match):
+        plan(parse("--algorithms", "dpo", "--budget", text, out=tmp_path))

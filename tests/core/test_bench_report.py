@@ -32,3 +32,29 @@ def test_curves_are_against_wall_clock_mean_over_seeds_and_skip_scorers(tmp_path
              "pair_accuracy": {"mean": 0.7, "ci95": float("nan"), "pair_se": 0.02}}]
     plot_curves(specs, results, rows, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def pair(a, b, verdict, diff):
+    return {"a": a, "b": b, "verdict": verdict, "gold_difference": {"mean": diff, "ci": [diff - 0.1, diff + 0.1]},
+            "probability_of_improvement": {"mean": 0.5, "ci": [0.2, 0.8]}}
+
+
+def test_ranks_share_a_place_unless_resolved_and_the_pairs_section_counts_them():
+    from rlhfzoo.bench_report import markdown, ranks
+
+    rows = [{"algorithm": x, "status": "ok", "gold": {"mean": g, "ci": [g - 0.1, g + 0.1]}} for x, g in (("a", 0.5), ("b", 0.45), ("c", 0.1))]
+    pairs = [pair("a", "b", "tie", 0.05), pair("b", "a", "tie", -0.05), pair("a", "c", "better", 0.4), pair("c", "a", "worse", -0.4),
+             pair("b", "c", "tie", 0.35), pair("c", "b", "tie", -0.35)]
+    assert ranks(rows, pairs) == {"a": 1, "b": 1, "c": 2}  # only a is resolved above c; b ties both
+    md = markdown(rows, {"task": "t", "date": "d", "machine": "m", "command": "c"}, {"pairwise": pairs})
+    assert "| 1 | a | 0.500 [0.400, 0.600] |" in md and "| 1 | b |" in md and "| 2 | c |" in md
+    assert "| a | c | 0.400 [0.300, 0.500] | 0.50 [0.20, 0.80] | resolved: a better |" in md
+    assert "1 of 3 pairs resolved, 2 ties." in md
+
+
+def test_the_improvement_matrix_is_an_image(tmp_path):
+    from rlhfzoo.bench_report import plot_improvement
+
+    rows = [{"algorithm": x, "gold": {"mean": 0.0}, "interval": "seeds and prompts"} for x in ("a", "b")]
+    plot_improvement(rows, [pair("a", "b", "better", 0.3), pair("b", "a", "worse", -0.3)], tmp_path / "poi.png")
+    assert (tmp_path / "poi.png").read_bytes()[:4] == b"\x89PNG"
