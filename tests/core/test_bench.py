@@ -35,7 +35,7 @@ def bench(*args, env):
 @pytest.mark.slow
 def test_bench_outputs_and_resume(env, tmp_path):
     out = tmp_path / "bench"
-    r = bench("--task", "sentiment", "--algorithms", "slic-hf,dpo", "--seeds", "1", "--out", str(out), "--reward", "gold", *TINY, env=env)
+    r = bench("--task", "sentiment", "--algorithms", "slic-hf,dpo", "--seeds", "1", "--out", str(out), "--reward", "gold", *TINY, "--jobs", "2", env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for f in ("leaderboard.json", "leaderboard.md", "frontier.png", "improvement.png", "curves.png"):
         assert (out / f).exists(), f
@@ -111,7 +111,8 @@ def test_unknown_algorithm_runs_nothing(env, tmp_path):
 def test_crashing_algorithm_is_marked_failed_and_others_finish(env, tmp_path):
     # KTO needs two examples per micro-batch for its KL estimate: batch_size 1 makes it fail.
     out = tmp_path / "b"
-    r = bench("--algorithms", "kto,slic-hf", "--seeds", "1", "--out", str(out), "--reward", "gold", *TINY, "--set", "train.batch_size=1", env=env)
+    r = bench("--algorithms", "kto,slic-hf", "--seeds", "1", "--out", str(out), "--reward", "gold", *TINY, "--set", "train.batch_size=1",
+              "--jobs", "2", env=env)
     assert r.returncode == 1
     rows = {row["algorithm"]: row for row in json.loads((out / "leaderboard.json").read_text())["rows"]}
     assert rows["kto"]["status"] == "failed" and rows["kto"]["errors"]
@@ -178,7 +179,7 @@ def test_bench_hh_reports_pair_accuracy(tmp_path):
     sets = [f"task.{k}={v}" for k, v in HH_TASK.items()] + [f"policy.{k}={v}" for k, v in TINY_POLICY.items()]
     sets += ["reward.name=reward-model", f"reward.path={rm / 'policy'}", "train.steps=2", "train.batch_size=4"]
     out = tmp_path / "bench"
-    args = ["--task", "hh-rlhf", "--algorithms", "dpo,bradley-terry", "--seeds", "1", "--eval-prompts", "8", "--out", str(out)]
+    args = ["--task", "hh-rlhf", "--algorithms", "dpo,bradley-terry", "--seeds", "1", "--eval-prompts", "8", "--out", str(out), "--jobs", "2"]
     r = bench(*args, *[x for s in sets for x in ("--set", s)], env=dict(os.environ))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
