@@ -4,8 +4,9 @@ The transformers model is wrapped with `peft.get_peft_model`: its weights are fr
 adapter (plus the value head and attached modules, which stay as they are) trains. The reference
 that DPO/IPO/KTO/PPO-style objectives take from `policy.frozen_copy()` is no second copy of the
 weights but `AdapterReference`, a view of the same module run with the adapter off (`with
-disable_adapter()`) -- or, when `init` is an adapter directory, with a frozen copy of that start
-adapter, so the reference is the policy training started from either way.
+disable_adapter()`) -- or, when `init` is an adapter directory (or a hub repository holding one,
+`hub_adapter`), with a frozen copy of that start adapter, so the reference is the policy training
+started from either way.
 
 Files: `policy/` is a peft adapter directory (`peft.AutoPeftModelForCausalLM.from_pretrained`
 loads it, from the base named in its `adapter_config.json`), or with `merge_on_save: true` the
@@ -68,6 +69,28 @@ def peft_module() -> Any:
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.*", "tokenizer*", "special_tokens_map.json", "*.jinja", "vocab*", "merges.txt"]
+
+
+def hub_adapter(value: str) -> str | None:
+    """`init: org/name` naming a peft adapter on the Hugging Face hub: the local snapshot of its
+    adapter files (and tokenizer, if it has one), fetched or found in the hub cache, to be loaded
+    as an adapter directory. None for a local path, a value that is no hub id, or a repository
+    without `adapter_config.json` (a full model, which transformers loads); None also where the
+    hub cannot be reached, so that loading the model reports it with its own message."""
+    from rlhfzoo.pretrained import is_hub_id
+
+    if Path(value).expanduser().exists() or not is_hub_id(value):
+        return None
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        hf_hub_download(value, ADAPTER_CONFIG)
+    except Exception:  # noqa: BLE001 - no such file (a full model), no such repository, or no network
+        return None
+    return snapshot_download(value, allow_patterns=ADAPTER_FILES)
 
 
 def adapter_base(path: str | Path) -> str:

@@ -296,8 +296,8 @@ class HFPolicy(Policy):
         """The causal LM of a directory or hub id (of an adapter directory: its base, the adapter on), `prepare`d."""
         from transformers import AutoModelForCausalLM
 
-        adapter = path if lora.is_adapter_dir(path) else None
-        base = lora.adapter_base(path) if adapter else path
+        adapter = path if lora.is_adapter_dir(path) else lora.hub_adapter(path)
+        base = lora.adapter_base(adapter) if adapter else path
         return self.prepare(AutoModelForCausalLM.from_pretrained(base, **model_kwargs(self.config)), base, adapter)
 
     def prepare(self, model: torch.nn.Module, base: str | None, adapter: str | None = None) -> torch.nn.Module:
@@ -326,6 +326,7 @@ class HFPolicy(Policy):
         from transformers import AutoTokenizer
 
         model_path = None if config.init == "scratch" else str(stages.path("sft", task)) if config.init == "sft" else config.init
+        model_path = model_path and (lora.hub_adapter(model_path) or model_path)  # an adapter on the hub: its snapshot
         if model_path and lora.is_adapter_dir(model_path) and not any((Path(model_path) / f).is_file() for f in TOKENIZER_FILES):
             model_path = lora.adapter_base(model_path)  # an adapter saved without its tokenizer: the base's
         source = config.tokenizer or model_path

@@ -332,3 +332,26 @@ def test_the_adapter_off_reference_is_kept_for_evaluation_not_rebuilt(base, tmp_
     trainer = Trainer(resolve(data), log=lambda *_: None, task=task)
     assert not trainer.objective.reference_needed_in_training()  # cached log-probs
     assert trainer.reference is not None and trainer.reference_for_eval().module is trainer.policy.module
+
+
+def test_init_from_an_adapter_on_the_hub_loads_its_snapshot(base, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    first = lora_policy(base)
+    perturb_adapter(first)
+    first.save(str(tmp_path / "snapshot"))  # what the hub repository holds
+    asked = []
+
+    def download(repo, filename, **kwargs):  # the hub, offline: one repository holding the adapter
+        asked.append((repo, filename))
+        if repo != "someone/tiny-adapter":
+            raise OSError(f"{repo} not found")
+        return str(tmp_path / "snapshot" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns=None, **kw: str(tmp_path / "snapshot"))
+    policy = HFPolicy(HFPolicyConfig(init="someone/tiny-adapter", max_new_tokens=4))
+    assert policy.is_lora() and asked[0] == ("someone/tiny-adapter", "adapter_config.json")
+    ids, attn = batch(first)
+    assert torch.allclose(logprobs(policy, ids, attn), logprobs(first, ids, attn), atol=1e-6)  # the hub's adapter, on its base
+    assert sum(p.numel() for p in trainable(policy).values()) == ADAPTER_PARAMS
