@@ -18,16 +18,17 @@ non-negative) and detached (no gradient flows through the reference point), as t
 prescribes. `loss` called on its own (outside the trainer) estimates it from its batch alone.
 The mismatched pairs:
 
-* `reference: model` -- the collator's in-batch pairs (prompt i with response i+1), with the
-  frozen reference model run on them every step (formed within each micro-batch, so the pairs
-  themselves still change with the split into micro-batches);
-* `reference: cached` (default) -- every row gets a fixed partner row (the next one in a seeded
-  shuffle, cut into chunks of `reference_batch_size`) before training, and the reference log-probs of both its own and its
-  mismatched sequence are cached, so the trainer frees the reference model (the partners are
-  fixed because the in-batch pairs change with the batch, and a cache needs them known ahead).
+every row gets a fixed partner row before training (the next one in a seeded shuffle, cut into
+chunks of `reference_batch_size`; TRL pairs within each batch instead, so its pairs change with the
+split into micro-batches), and its mismatched pair is its prompt with the partner's response:
 
-The collator pairs the examples of a micro-batch, so KTO needs >= 2 examples per micro-batch
-(with one, the collator's "mismatched" pair is the example itself).
+* `reference: model` -- the frozen reference model runs on each micro-batch's own and mismatched
+  sequences every step (one forward);
+* `reference: cached` (default) -- the reference log-probs of both are cached in `prepare`, so the
+  trainer frees the reference model.
+
+`loss` called on a batch without `prepare` pairs the batch's examples with each other (prompt i
+with response i+1), so KTO asks for >= 2 examples per micro-batch.
 
 The paper recommends w_d n_d / (w_u n_u) in [1, 4/3] (n_d, n_u: desirable and undesirable
 counts); `prepare` warns once when the data and weights fall outside. Log-probs are summed over
@@ -100,8 +101,8 @@ class KTO(ImplicitRewardEvaluation, Objective):
         undesirable_weight: float = Field(1.0, gt=0, description="Weight w_u of undesirable examples' losses (lambda_U in the paper).")
         seed: int = Field(
             0,
-            description="Seed of the fixed mismatched partners of `reference: cached` (whose reference log-probs are cached too; "
-            "`model` uses the in-batch pairs): a shuffle cut into chunks of `reference_batch_size` rows, partners within a chunk.",
+            description="Seed of the fixed mismatched partners (their reference log-probs cached too with `reference: cached`): "
+            "a shuffle cut into chunks of `reference_batch_size` rows, partners within a chunk.",
         )
 
     def __init__(self, config=None):
@@ -129,10 +130,6 @@ class KTO(ImplicitRewardEvaluation, Objective):
                 f"recommended [1, 4/3]; {fix}",
                 stacklevel=2,
             )
-        if c.reference != "cached":
-            return
-        if reference is None:
-            raise RuntimeError("kto: `reference: cached` needs the reference policy in `prepare`")
         # Fixed partners: a seeded shuffle cut into chunks; within a chunk row k is paired with row k+1
         # (cyclically), exactly as the collator pairs them, so one collated chunk gives both sequences.
         n, size = len(data), c.reference_batch_size
@@ -146,6 +143,10 @@ class KTO(ImplicitRewardEvaluation, Objective):
             for k, i in enumerate(rows):
                 partner[i] = rows[(k + 1) % len(rows)]
         self._partner, self._data, self._collate = partner, data, collate
+        if c.reference != "cached":
+            return
+        if reference is None:
+            raise RuntimeError("kto: `reference: cached` needs the reference policy in `prepare`")
         views = {"own": lambda b: b.sequences, "kl": lambda b: b.kl_sequences}
         self.cache.build(views, data, collate, reference, c.average_logprobs, size, chunks=chunks)
 
@@ -167,11 +168,13 @@ class KTO(ImplicitRewardEvaluation, Objective):
                 "so that batch_size / (processes x grad_accum) >= 2."
             )
         seq = batch.sequences
-        if self.config.reference == "cached" and "own" in self.cache:  # the fixed partners, reference log-probs cached
-            kl_seq = self._collate([(int(i), self._mismatched(int(i))) for i in batch.index.tolist()]).sequences
-            return kl_seq.to(seq.input_ids.device), self.cache.lookup("own", batch.index), self.cache.lookup("kl", batch.index)
-        both = reference_logprobs(reference, concat(seq, batch.kl_sequences), self.config.average_logprobs)  # one forward
-        return batch.kl_sequences, both[: len(batch)], both[len(batch) :]
+        kl_seq = batch.kl_sequences  # `loss` called without `prepare`: the collator's in-batch pairs
+        if self._partner is not None:  # the fixed partners
+            kl_seq = self._collate([(int(i), self._mismatched(int(i))) for i in batch.index.tolist()]).sequences.to(seq.input_ids.device)
+        if self.config.reference == "cached" and "own" in self.cache:  # their reference log-probs cached
+            return kl_seq, self.cache.lookup("own", batch.index), self.cache.lookup("kl", batch.index)
+        both = reference_logprobs(reference, concat(seq, kl_seq), self.config.average_logprobs)  # one forward
+        return kl_seq, both[: len(batch)], both[len(batch) :]
 
     def _kl_logratios(self, policy, kl_seq, ref_kl) -> torch.Tensor:
         with torch.no_grad():

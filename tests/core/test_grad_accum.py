@@ -134,6 +134,7 @@ def reference_further_away(trainer: Trainer) -> None:
     for p in reference.parameters():
         p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     trainer.objective.prepare(trainer.data, trainer.collator, reference)
+    trainer.reference = reference  # `reference: model` runs it every step
 
 
 def gradient(trainer: Trainer, batches: list[Batch]) -> torch.Tensor:
@@ -157,6 +158,7 @@ CASES = {
     "rloo": {"group_size": 2, "clip_eps": 0.2},
     # Statistics of the whole step (`begin_step`); "name" when the case is not the algorithm's name.
     "kto": {"beta": 0.5},  # z0 over the step's fixed mismatched pairs (`reference: cached`)
+    "kto-model": {"name": "kto", "beta": 0.5, "reference": "model"},  # the same pairs, the reference model run every step
     # 1/C(K, 2) pair weights, K from 2 to 4: weights 1, 1/3 and 1/6
     "bradley-terry-rankings": {"name": "bradley-terry", "examples": "rankings", "task": {"k_min": 2, "k_max": 4}},
     "ppo-ptx": {"name": "ppo-clip", "ptx_coef": 1.0, "ptx_batch_size": 6},  # 6 demonstrations: 3+3 or 2+2+1+1
@@ -167,7 +169,7 @@ def micro_batch_statistics(case: str, trainer: Trainer, batches: list[Batch]) ->
     """The statistic each micro-batch would have used on its own, where the objective takes it over
     the whole step instead (None for the other cases)."""
     obj = trainer.objective
-    if case == "kto":  # `loss` without `begin_step`: the micro-batch's own z0 (then the step's, above 0)
+    if case.startswith("kto"):  # `loss` without `begin_step`: the micro-batch's own z0 (then the step's, above 0)
         own = [obj.loss(b, trainer.policy, trainer.reference).metrics["kl_estimate"] for b in batches]
         obj.begin_step(batches, trainer.policy, trainer.reference)
         assert batches[0].extra["kl_reference_point"] > 0.1, "the step's z0 is clamped at 0: the test checks little about it"
@@ -184,7 +186,7 @@ def test_gradient_does_not_depend_on_the_number_of_micro_batches(case, tmp_path)
     options = dict(CASES[case])
     trainer = trainer_for(options.pop("name", case), tmp_path / case, **options)
     split = online_batches(trainer) if trainer.objective.online else offline_batches(trainer)
-    if case == "kto":
+    if case.startswith("kto"):
         reference_further_away(trainer)
     nudge(trainer)
     tokens = [int(b.sequences.response_mask[:, 1:].sum()) for b in split(2)]
