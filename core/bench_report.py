@@ -120,6 +120,18 @@ def _setting(setting: dict | None) -> str:
     return ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in (setting or {}).items()) or "–"
 
 
+def label_axes(ax, xlabel: str, ylabel: str, title: str, empty: str | None) -> None:
+    """Labels, title and grid of a panel; its legend, or the text `empty` where it drew nothing."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if empty:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    elif ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def plot_frontier(rows: list[dict], path: Path, entries: list[dict] | None = None) -> None:
     """Gold against KL per algorithm with error bars on both (the frontier's bootstrap intervals),
     from the SFT baseline at KL 0, and the common KL K* the frontier table compares at."""
@@ -137,14 +149,8 @@ def plot_frontier(rows: list[dict], path: Path, entries: list[dict] | None = Non
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=e["algorithm"])
     if entries and math.isfinite(entries[0]["auc"]["kl_max"]):
         ax.axvline(entries[0]["auc"]["kl_max"], color="grey", linestyle=":", label="K* (common KL)")
-    ax.set_xlabel("KL(policy || SFT policy), nats per response")
-    ax.set_ylabel("held-out gold reward")
-    ax.set_title("Gold reward against KL (matched-KL frontier)")
-    ax.grid(alpha=0.3)
-    if entries:
-        ax.legend(fontsize=8)
-    else:  # e.g. hh-rlhf: human labels, no gold reward to plot
-        ax.text(0.5, 0.5, "no gold reward on this task", ha="center", va="center", transform=ax.transAxes)
+    label_axes(ax, "KL(policy || SFT policy), nats per response", "held-out gold reward", "Gold reward against KL (matched-KL frontier)",
+               "no gold reward on this task" if not entries else None)  # e.g. hh-rlhf: human labels only
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -227,26 +233,15 @@ def plot_curves(specs: list[RunSpec], results: list[dict], rows: list[dict], pat
         for label, c in curves.items():
             if key in c:
                 ax.plot([x for x, _ in c[key]], [y for _, y in c[key]], marker=".", label=label)
-        ax.set_xlabel("training wall-clock, seconds")
-        ax.set_ylabel(f"held-out {key} reward")
-        ax.set_title(f"{key} reward during training (mean over seeds)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        label_axes(ax, "training wall-clock, seconds", f"held-out {key} reward", f"{key} reward during training (mean over seeds)", None)
     ax = axes[2]
     scorers = [r for r in rows if r.get("kind") == "objective" and r.get("pair_accuracy") and not r.get("gold") and "train_seconds" in r]
     for r in scorers:
         acc = r["pair_accuracy"]
         ax.errorbar([r["train_seconds"]["mean"]], [acc["mean"]], yerr=[acc["ci95"] if math.isfinite(acc["ci95"]) else 1.96 * acc["pair_se"]],
                     marker="s", capsize=3, linestyle="none", label=r["algorithm"])
-    ax.set_xlabel("training wall-clock, seconds")
-    ax.set_ylabel("held-out pair accuracy")
-    ax.set_title("reward models (scorers, not policies)")
-    ax.grid(alpha=0.3)
-    if scorers:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no reward-model rows", ha="center", va="center", transform=ax.transAxes)
+    label_axes(ax, "training wall-clock, seconds", "held-out pair accuracy", "reward models (scorers, not policies)",
+               "no reward-model rows" if not scorers else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
