@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhfzoo.bench_plan import BenchError, RunSpec
-from rlhfzoo.bench_runs import RunBusy, RunLock, busy_row, execute, finish, prepare, reusable, start_worker, worker_args, worker_env
+from rlhfzoo.bench_runs import RunBusy, RunLock, busy_row, execute, finish, lock_run, prepare, reusable, start_worker, worker_args, worker_env
 
 LAUNCHERS = ("local", "ray")
 POLL_SECONDS = 0.05  # how often the local launcher looks for finished workers
@@ -138,13 +138,9 @@ class LocalRun:
 def begin_local(spec: RunSpec, force: bool, env: dict[str, str] | None, command: Callable[[Path], list[str]]) -> dict[str, Any] | LocalRun:
     """A run's result when it needs no worker (its directory in use, or finished already), else
     its worker, started."""
-    d = Path(spec.directory)
-    d.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(d)
-    try:
-        lock.acquire()
-    except RunBusy as e:
-        return busy_row(spec, e)
+    lock = lock_run(spec)
+    if isinstance(lock, dict):
+        return lock
     try:
         reused = prepare(spec, force)
         if reused is not None:

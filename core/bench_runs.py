@@ -209,17 +209,26 @@ def wait_or_kill(proc: subprocess.Popen) -> int:
         raise
 
 
+def lock_run(spec: RunSpec) -> RunLock | dict[str, Any]:
+    """The run directory, created and locked for this bench; or, where another holds it, the row
+    that says so (a failed row, the directory left untouched)."""
+    d = Path(spec.directory)
+    d.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(d)
+    try:
+        return lock.acquire()
+    except RunBusy as e:
+        return busy_row(spec, e)
+
+
 def execute(spec: RunSpec, force: bool, env: dict[str, str] | None = None, args: list[str] | None = None) -> dict[str, Any]:
     """One row's result: reused when finished from the same spec, else run by a worker (with
     `env` and the command line `args`, as `start_worker`). A run directory locked by another
     bench is left untouched and its row marked failed."""
     d = Path(spec.directory)
-    d.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(d)
-    try:
-        lock.acquire()
-    except RunBusy as e:
-        return busy_row(spec, e)
+    lock = lock_run(spec)
+    if isinstance(lock, dict):
+        return lock
     try:
         reused = prepare(spec, force)
         if reused is not None:
