@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated objective or policy names (default: all built-ins; on a task without a gold reward, "
         "e.g. hh-rlhf: the built-in offline objectives whose data the task provides, plus bradley-terry)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (default: 3)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per algorithm (default: 5)")
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
     p.add_argument("--config", help="YAML with task/policy/reward/train sections shared by every run")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override applied to every run (repeatable)")
