@@ -67,6 +67,7 @@ from rlhfzoo.bench_plan import (  # noqa: F401  (BenchError, RunSpec, BASELINE a
     resolve_names,
     stages_needed,
 )
+from rlhfzoo.bench_checks import run_checks
 from rlhfzoo.bench_launch import RunsInterrupted, bar_progress, run_all
 from rlhfzoo.bench_plan import BUDGET_STEP_CAP, parse_budget, validate_configs
 from rlhfzoo.bench_report import machine, markdown, plot_curves, plot_frontier, plot_improvement  # noqa: F401  (the outputs)
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", type=int, metavar="N",
                    help="N hyperparameter trials per algorithm from its search space, chosen on validation prompts "
                    "(held-out, after the test ones), then run with the bench's seeds (rlhfzoo.bench_tune)")
+    p.add_argument("--checks", action="store_true",
+                   help="also run the literature checks (rlhfzoo.bench_checks: best-of-n's KL bound, DPO vs IPO on deterministic "
+                   "preferences, over-optimisation along --sweep kl, ...) on the task, into checks.md / checks.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # the worker process: its spec.json
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the run directory's lock, inherited from the bench
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # the bench: stop when it is gone
@@ -300,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     analysis = analyse(specs, results)
     if tuning:
         analysis["tuning"] = tuning
+    if args.checks:  # the literature's claims, measured here (checks.md, checks.json)
+        analysis["checks"] = run_checks(meta["task"], out, analysis, log=print)
     budget = parse_budget(args.budget)
     if budget:
         meta["budget"] = {"axis": budget[0], "limit": budget[1], "step_cap": BUDGET_STEP_CAP}

@@ -86,6 +86,10 @@ def markdown(rows: list[dict], meta: dict, analysis: dict | None = None) -> str:
         lines += ["", "## Matched-KL frontier", "", frontier_markdown(analysis["frontier"], (analysis.get("bootstrap") or {}).get("interval", ""))]
     if pairs:
         lines += ["", "## Pairs", "", pairs_markdown(rows, pairs)]
+    if analysis.get("checks"):
+        from rlhfzoo.bench_checks import checks_markdown
+
+        lines += ["", "## Literature checks", "", checks_markdown(analysis["checks"])]
     return "\n".join(lines) + "\n"
 
 

@@ -58,3 +58,12 @@ def test_the_improvement_matrix_is_an_image(tmp_path):
     rows = [{"algorithm": x, "gold": {"mean": 0.0}, "interval": "seeds and prompts"} for x in ("a", "b")]
     plot_improvement(rows, [pair("a", "b", "better", 0.3), pair("b", "a", "worse", -0.3)], tmp_path / "poi.png")
     assert (tmp_path / "poi.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_literature_checks_get_their_section():
+    from rlhfzoo.bench_checks import record
+    from rlhfzoo.bench_report import markdown
+
+    checks = [record("dpo vs ipo", "Azar et al. 2023", "IPO's margin converges", {"ipo_margin": 4.96}, True, "within 25 %")]
+    md = markdown([], {"task": "t", "date": "d", "machine": "m", "command": "c"}, {"checks": checks})
+    assert "## Literature checks" in md and "| dpo vs ipo | Azar et al. 2023 | yes |" in md
