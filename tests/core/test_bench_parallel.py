@@ -43,7 +43,8 @@ try:
 except BlockingIOError:
     locked = True  # held for this worker
 threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-if fake.get("sigint"):
+if fake.get("sigint"):  # as Ctrl-C would end it, even where SIGINT is ignored (a job started in the background)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
 time.sleep(fake.get("sleep", 0))
 if fake.get("crash"):
