@@ -295,13 +295,10 @@ class Objective(Plugin, ABC):
         return self.needs_reference
 
     def begin_step(self, batches: list[Any], policy: "Policy", reference: "Policy | None") -> None:
-        """Called once per optimizer step, offline and online, before the losses of its micro-batches:
-        `batches` are all of them on this process (on the device, under the loss's autocast, with
-        the step's token totals of `ops.set_step_tokens` set), the very objects `loss` then receives.
-        Compute here what must be a statistic of the whole step rather than of each micro-batch, so
-        that the update does not depend on `train.grad_accum` or the number of processes (reduce over
-        the processes: every process calls this once per step), and write it into each batch's
-        `extra`. `loss` must still work without it (a direct call). Nothing by default."""
+        """Once per optimizer step, before its losses, with all of this process's micro-batches (on the
+        device, under autocast, step totals set: the objects `loss` then gets). Compute here statistics
+        of the whole step (reduced over processes; every process calls it) into each batch's `extra`, so
+        the update does not depend on the split; `loss` must still work without it. Nothing by default."""
 
     def after_step(self, metrics: dict[str, float]) -> dict[str, float]:
         """Called after every optimizer step, offline and online, with that step's metrics (each
