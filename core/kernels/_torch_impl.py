@@ -78,7 +78,7 @@ def stats_fwd(x, tgt, inv_temp, ignore_index, lp_out, lse_out, ent_out):
         else:
             e = torch.exp(b)
             torch.sum(e, dim=-1, out=ssum[j])
-            b.mul_(e)  # e * (z - m)
+            b.mul_(e).masked_fill_(e == 0, 0.0)  # e * (z - m); 0 where e underflows or z = -inf (not 0 * -inf)
             torch.sum(b, dim=-1, out=ent_out[j])
 
     def work(r0, r1):
