@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mounts at the same path. Needs pip install 'rlhfzoo[ray]'",
     )
     p.add_argument("--budget", metavar="AXIS=AMOUNT",
-                   help="hold every row to one budget: seconds, train_tokens, generated_tokens, reward_calls or examples "
+                   help="hold every row to one budget: seconds, train_tokens, generated_tokens, reward_calls, examples or flops "
                    f"(rlhfzoo.budget); a row's steps become a cap ({BUDGET_STEP_CAP}x its protocol's), and a row that cannot "
                    "spend on the axis runs its protocol's budget and says so")
     p.add_argument("--tune", type=int, metavar="N",

@@ -110,7 +110,11 @@ class Trainer(Checkpoints):
             why = budget.held_to(axis, self.objective.online, self.objective.needs_reward)
             if why:
                 raise TrainingError(f"train.budget: {cfg.algorithm.entry.name!r} {why}, so a {axis} budget would never end it; "
-                                    "give it a budget in seconds, train_tokens or examples")
+                                    "give it a budget in seconds, train_tokens, examples or flops")
+        self.params = budget.policy_params(self.policy)  # N of the FLOPs estimate (rlhfzoo.budget)
+        if self.train.budget and "flops" in self.train.budget and self.params is None:
+            raise TrainingError(f"train.budget: policy {cfg.policy.entry.name!r} has no transformers model to count FLOPs of; "
+                                "give it a budget in seconds, train_tokens or examples")
         self.budget_record: dict[str, Any] | None = None  # train.budget: what was spent (`budget.report`)
         self.collator = Collator(self.policy.tokenizer, max_length=getattr(self.policy.config, "max_length", 128))
         self.data = self._load_data()
@@ -382,7 +386,8 @@ class Trainer(Checkpoints):
         calls = self.reward.calls if self.reward is not None else 0
         totals = counts_across_processes({**self.policy.counters, "reward calls": calls, "seconds": seconds}, device=self.accelerator.device)
         axis = next(iter(self.train.budget))
-        return budget.spent(axis, totals["seconds"] / self.world, self.step, self.train.batch_size, totals, totals["reward calls"])
+        return budget.spent(axis, totals["seconds"] / self.world, self.step, self.train.batch_size, totals, totals["reward calls"],
+                            params=self.params or 0)
 
     def finish(self, seconds: float) -> dict[str, Any]:
         from rlhfzoo.evaluation import final_evaluation
@@ -393,6 +398,8 @@ class Trainer(Checkpoints):
         if self.budget_record is not None:
             summary["budget"] = self.budget_record
         counters = counts_across_processes(self.policy.counters, device=acc.device)  # every process's budget
+        if self.params:
+            counters["flops"] = budget.flops(counters, self.params)
         if acc.is_main_process:
             if self.train.eval_prompts:
                 with self.evaluating():
