@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_model, save_model
 
 from rlhfzoo import hookimpl, lora, stages
-from rlhfzoo.data.collate import pad, prompt_ids
+from rlhfzoo.data.collate import prompt_ids
 from rlhfzoo.errors import UserError
 from rlhfzoo.hf_model import LMWithHeads, build_scratch_model, config_values, disable_dropout, last_hidden_states, model_kwargs
 from rlhfzoo.interfaces import Policy, PluginConfig, Rollout
@@ -169,10 +169,8 @@ def build_rollout(policy: Policy, prompts: Sequence[str], ids: torch.Tensor, att
     sequences = torch.cat([ids, gen], dim=1)
     attention_mask = torch.cat([attn, resp_mask], dim=1)
     response_mask = torch.cat([torch.zeros_like(attn), resp_mask], dim=1)
-    responses = [
-        tok.decode(row[m.bool() & (row != tok.eos_token_id)].tolist(), skip_special_tokens=True).strip()
-        for row, m in zip(gen, resp_mask)
-    ]
+    kept = (resp_mask.sum(-1) - finished.long()).tolist()  # the tokens before the first EOS, decoded as plain lists
+    responses = [tok.decode(row[:k], skip_special_tokens=True).strip() for row, k in zip(gen.tolist(), kept)]
     module, training = policy.module, policy.module.training  # computed in the mode of now, when read later
 
     def logprobs() -> torch.Tensor:
@@ -193,9 +191,12 @@ def sample_rollout(policy: Policy, prompts: Sequence[str], cfg: HFPolicyConfig) 
     options of `cfg`, prompts cut from the left to fit `max_length`."""
     tok = policy.tokenizer
     lm = policy.module.lm
-    encoded = [prompt_ids(tok, p)[-(cfg.max_length - cfg.max_new_tokens):] for p in prompts]
-    ids = pad(encoded, tok.pad_token_id, side="left")
-    attn = pad([[1] * len(e) for e in encoded], 0, side="left")
+    encoded: list[list[int]] = []  # a group's copies of one prompt (consecutive) are tokenised once
+    for i, p in enumerate(prompts):
+        encoded.append(encoded[-1] if i and p == prompts[i - 1] else prompt_ids(tok, p)[-(cfg.max_length - cfg.max_new_tokens):])
+    width = max(map(len, encoded))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded], dtype=torch.long)  # left-padded
+    attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=torch.long)
     device = next(lm.parameters()).device
     was_training = lm.training
     lm.eval()

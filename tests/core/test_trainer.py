@@ -214,6 +214,20 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
 
 
+def test_weight_check_tells_huge_finite_weights_from_inf_and_nan(tmp_path):
+    """The check's fast path (L2 norms) overflows on weights of 1e30 (their squares are inf in fp32):
+    those are finite and pass; one -inf or NaN weight, among finite ones, does not."""
+    trainer = Trainer(load_config(data=tiny_sft(tmp_path / "check")), log=lambda *_: None)
+    param = next(iter(trainer.policy.parameters()))
+    with torch.no_grad():
+        param.fill_(1e30)
+        trainer.check_weights("now")
+        for bad in (float("-inf"), float("nan")):
+            param.view(-1)[1] = bad
+            with pytest.raises(NonFiniteError, match="weights are not finite now"):
+                trainer.check_weights("now")
+
+
 def test_fp16_without_a_gpu_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(TrainingError, match=r"train\.mixed_precision=fp16 needs a CUDA GPU.*bf16"):
