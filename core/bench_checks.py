@@ -10,8 +10,10 @@ says what it would need), and the note one or two honest sentences on what the f
                        bound, IPO's settles at 1/(2 tau); both trained through the real trainer
     overoptimisation   Gao et al. 2022: proxy rises with KL, gold is concave in sqrt(KL); read off
                        a bench run with `--sweep kl`
-    reward collapse    Song et al. 2023: not run (see its note)
-    ptx alignment tax  Ouyang et al. 2022: not run (see its note)
+    reward collapse    Song et al. 2023: RMs on K-wise rankings with prompt-agnostic utilities; do the
+                       per-prompt reward spreads stop following the gold spreads? (`bench_checks_training`)
+    ptx alignment tax  Ouyang et al. 2022: PPO with and without the pretraining mix; the held-out
+                       demonstrations' NLL rise and the gold reward (`bench_checks_training`)
 
 `run_checks(task_name, out_dir, bench_analysis)` runs them all and writes `checks.json` and
 `checks.md` (`checks_markdown`) into `out_dir`.
@@ -332,34 +334,6 @@ def gao_overoptimisation(bench_analysis: dict[str, Any] | None, min_points: int 
     return record("overoptimisation", GAO_PAPER, GAO_CLAIM, measured, not failing, note)
 
 
-# ------------------------------------------------------------------------------------ not run
-
-
-def reward_collapse() -> dict[str, Any]:
-    """Song et al. 2023's reward collapse: not run (the note says what it needs)."""
-    return record(
-        "reward collapse", "Song et al. 2023, arXiv:2305.17608",
-        "A reward model trained on rankings with one prompt-agnostic utility ends with the same reward distribution for every "
-        "prompt, open-ended or not; a prompt-aware utility keeps them apart.",
-        {}, None,
-        "Not run: it needs prompts of two kinds (open-ended and closed, which the embedded tasks do not have), reward models "
-        "trained on K-wise rankings to convergence with `utility: none` and with a prompt-aware utility (`bradley-terry` has "
-        "Song et al.'s), and the per-prompt reward distributions compared.",
-    )
-
-
-def ptx_alignment_tax() -> dict[str, Any]:
-    """InstructGPT's PPO-ptx: not run (the note says what it needs)."""
-    return record(
-        "ptx alignment tax", "Ouyang et al. 2022, arXiv:2203.02155 (Sec. 4.2)",
-        "Mixing pretraining gradients into PPO (PPO-ptx) reduces the performance regression on the pretraining distribution "
-        "(the alignment tax) at little cost in reward.",
-        {}, None,
-        "Not run: it needs PPO runs with `ptx_coef: 0` and > 0 at the same budget over several seeds, and a held-out measure of "
-        "the pretraining distribution (e.g. the NLL of the task's test demonstrations) before and after each.",
-    )
-
-
 # ------------------------------------------------------------------------------------ all of them
 
 
@@ -380,6 +354,8 @@ def run_checks(task_name: str, out_dir: Path, bench_analysis: dict[str, Any] | N
     """Every check on `task_name` (and `bench_analysis`, for Gao et al.'s), written to
     `out_dir/checks.json` and `out_dir/checks.md`. A check that cannot run on the task (a
     `UserError`: no reward source, no preference pairs, ...) is recorded as not run, with why."""
+    from rlhfzoo import bench_checks_training as training  # it imports this module
+
     out_dir = Path(out_dir)
 
     def attempt(check: str, paper: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -397,12 +373,18 @@ def run_checks(task_name: str, out_dir: Path, bench_analysis: dict[str, Any] | N
     def preferences() -> dict[str, Any]:
         return dpo_vs_ipo_deterministic(registry.create("task", task_name, {}), out_dir / "checks", log=log)
 
+    def collapse() -> dict[str, Any]:
+        return training.reward_collapse(registry.create("task", task_name, {}), out_dir / "checks", log=log)
+
+    def alignment_tax() -> dict[str, Any]:
+        return training.ptx_alignment_tax(registry.create("task", task_name, {}), out_dir / "checks", log=log)
+
     checks = [
         attempt("best-of-n KL", BON_PAPER, best_of_n),
         attempt("dpo vs ipo", "Azar et al. 2023, arXiv:2310.12036", preferences),
         gao_overoptimisation(bench_analysis),
-        reward_collapse(),
-        ptx_alignment_tax(),
+        attempt("reward collapse", training.COLLAPSE_PAPER, collapse),
+        attempt("ptx alignment tax", training.PTX_PAPER, alignment_tax),
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "checks.json").write_text(json.dumps(checks, indent=1))

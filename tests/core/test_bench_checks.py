@@ -1,6 +1,8 @@
 """`rlhfzoo bench --checks`: best-of-n's exact KL on hand-computed reward levels, Gao et al.'s shape
-on synthetic rows, the markdown and `run_checks`' records; (slow) best-of-n's KL on the sentiment SFT
-policy and DPO against IPO on deterministic preferences, each on the real tiny setup."""
+on synthetic rows, the training checks' statistics (paired t interval, spread groups, collapse index,
+demonstration NLL) by hand, the markdown and `run_checks`' records; (slow) best-of-n's KL on the
+sentiment SFT policy, DPO against IPO on deterministic preferences, and the PPO-ptx and reward-collapse
+checks at tiny budgets, each on the real tiny setup."""
 
 import json
 import math
@@ -8,8 +10,9 @@ import random
 
 import pytest
 
-from rlhfzoo import bench_checks, stages
+from rlhfzoo import bench_checks, bench_checks_training, stages
 from rlhfzoo.bench_checks import (
+    TINY_POLICY,
     best_of_n_kl,
     best_of_n_kl_bound,
     checks_markdown,
@@ -17,11 +20,22 @@ from rlhfzoo.bench_checks import (
     dpo_vs_ipo_deterministic,
     empirical_best_of_n_kl,
     gao_overoptimisation,
-    ptx_alignment_tax,
-    reward_collapse,
     run_checks,
 )
+from rlhfzoo.bench_checks_training import (
+    demonstration_nll,
+    paired_interval,
+    population_std,
+    ptx_alignment_tax,
+    ranked_prompts,
+    reward_collapse,
+    spread_figures,
+    spread_groups,
+)
+from rlhfzoo.config import resolve
+from rlhfzoo.data.collate import Collator
 from rlhfzoo.errors import UserError
+from rlhfzoo.interfaces import PreferencePair
 from rlhfzoo.registry import registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -127,6 +141,64 @@ def test_gao_without_a_sweep_is_not_run():
     assert offline["measured"]["algorithms"]["dpo"]["sqrt_kl"] == pytest.approx([math.sqrt(0.2), math.sqrt(0.3), math.sqrt(0.5)])
 
 
+# ------------------------------------------------------------------------------------ the training checks' statistics
+
+
+def test_paired_interval_by_hand():
+    # d = (2, 3, 4): mean 3, sample std 1, t_{0.975, 2} = 4.302653 -> half width 4.302653 / sqrt(3) = 2.484138.
+    out = paired_interval([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])
+    assert out["differences"] == [2.0, 3.0, 4.0] and out["mean"] == 3.0 and out["level"] == 0.95
+    assert out["interval"] == pytest.approx([3 - 2.484138, 3 + 2.484138], abs=1e-6)
+    # d = (1, -1): mean 0, std sqrt(2), t_{0.975, 1} = 12.706205 -> half width 12.706205.
+    assert paired_interval([1.0, 0.0], [0.0, 1.0])["interval"] == pytest.approx([-12.706205, 12.706205], abs=1e-6)
+    one = paired_interval([2.0], [0.5])
+    assert one["mean"] == 1.5 and all(math.isnan(x) for x in one["interval"])
+    with pytest.raises(ValueError, match="same positive number"):
+        paired_interval([1.0, 2.0], [1.0])
+
+
+def test_spread_groups_and_figures_by_hand():
+    assert population_std([1.0, 3.0]) == 1.0 and population_std([2.0, 2.0, 2.0]) == 0.0
+    assert population_std([0.0, 0.0, 3.0]) == pytest.approx(math.sqrt(2))  # mean 1, squares 1 + 1 + 4 over 3
+    spreads = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4]
+    assert spread_groups(spreads) == ([1, 5], [6, 2])  # quarters of 8: the two smallest, the two largest
+    assert spread_groups([0.2, 0.2, 0.2]) == ([0], [2])  # at least one each; ties by position
+    with pytest.raises(ValueError, match="two disjoint groups"):
+        spread_groups([0.3])
+    # Gold spreads 1 vs 4 (ratio 4), the model's 1 vs 2 (ratio 2): half of the log ratio kept -> index 0.5.
+    f = spread_figures([1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 4.0, 4.0], [0, 1], [2, 3])
+    assert (f["model_low"], f["model_high"], f["gold_low"], f["gold_high"]) == (1.0, 2.0, 1.0, 4.0)
+    assert f["model_ratio"] == 2.0 and f["gold_ratio"] == 4.0 and f["collapse_index"] == pytest.approx(0.5)
+    assert spread_figures([3.0, 3.0], [1.0, 4.0], [0], [1])["collapse_index"] == pytest.approx(1.0)  # equal: collapse
+    assert spread_figures([0.5, 2.0], [1.0, 4.0], [0], [1])["collapse_index"] == pytest.approx(0.0)  # as gold
+    assert spread_figures([0.5, 8.0], [1.0, 4.0], [0], [1])["collapse_index"] == pytest.approx(-1.0)  # more apart than gold
+    assert math.isnan(spread_figures([1.0, 2.0], [1.0, 1.0], [0], [1])["collapse_index"])  # gold does not differ
+    assert math.isnan(spread_figures([0.0, 2.0], [1.0, 4.0], [0], [1])["collapse_index"])  # model ratio infinite
+
+
+def test_ranked_prompts_collects_each_rankings_responses():
+    pairs = [PreferencePair("p", "a", "b", group=0), PreferencePair("p", "a", "c", group=0), PreferencePair("p", "b", "c", group=0),
+             PreferencePair("q", "y", "x", group=1)]
+    assert ranked_prompts(pairs) == (["p", "q"], [["a", "b", "c"], ["y", "x"]])
+
+
+def test_demonstration_nll_is_one_token_mean_whatever_the_batches():
+    task = registry.create("task", "sentiment", {})
+    policy = resolve({"task": {"name": "sentiment"}, "policy": dict(TINY_POLICY)}, require=("task",)).policy.create(task=task)
+    collator = Collator(policy.tokenizer, max_length=128)
+    demos = task.examples("demonstrations", split="test")[:7]
+    total = tokens = 0.0
+    for d in demos:  # one at a time, no padding: the summed NLL and the response tokens of each
+        seq = collator([(0, d)]).sequences
+        mask = seq.response_mask[:, 1:].float()
+        total -= float((policy.logprobs(seq.input_ids, seq.attention_mask).detach().float() * mask).sum())
+        tokens += float(mask.sum())
+    expected = total / tokens  # a token mean over all of them, not a mean of per-demonstration means
+    assert demonstration_nll(policy, demos, collator, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    assert demonstration_nll(policy, demos, collator) == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(math.log(len(policy.tokenizer)), rel=0.2)  # an untrained model: about uniform
+
+
 # ------------------------------------------------------------------------------------ records and markdown
 
 
@@ -134,20 +206,26 @@ def test_markdown_and_run_checks_records(tmp_path, monkeypatch):
     def no_reward(task_name, log):
         raise UserError("the task names no default reward source")
 
+    def no_demonstrations(task, out_dir, log=None):
+        raise UserError("task 'sentiment' has no train and held-out demonstrations")
+
     monkeypatch.setattr(bench_checks, "base_models", no_reward)
     monkeypatch.setattr(bench_checks, "dpo_vs_ipo_deterministic", lambda task, out_dir, log=None: bench_checks.record(
         "dpo vs ipo", "Azar et al. 2023", "claim", {"target": 5.0, "ipo": {"margin": [4.987654321]}}, True, "note"))
+    monkeypatch.setattr(bench_checks_training, "reward_collapse", lambda task, out_dir, log=None: bench_checks.record(
+        "reward collapse", "Song et al. 2023", "claim", {"seeds": [0, 1, 2]}, False, "no collapse"))
+    monkeypatch.setattr(bench_checks_training, "ptx_alignment_tax", no_demonstrations)
     checks = run_checks("sentiment", tmp_path, None, log=lambda *_: None)
     assert [c["check"] for c in checks] == ["best-of-n KL", "dpo vs ipo", "overoptimisation", "reward collapse", "ptx alignment tax"]
-    assert [c["reproduced"] for c in checks] == [None, True, None, None, None]
+    assert [c["reproduced"] for c in checks] == [None, True, None, False, None]
     assert "Not run on 'sentiment': the task names no default reward source" in checks[0]["note"]
+    assert checks[4]["paper"] == bench_checks_training.PTX_PAPER and "has no train and held-out demonstrations" in checks[4]["note"]
     assert json.loads((tmp_path / "checks.json").read_text()) == checks
     md = (tmp_path / "checks.md").read_text()
     assert md == checks_markdown(checks)
     assert "| best-of-n KL | Beirami et al. 2024" in md and "| dpo vs ipo | Azar et al. 2023 | yes |" in md
-    assert md.count("| not run |") == 4
+    assert md.count("| not run |") == 3 and "| reward collapse | Song et al. 2023 | **no** |" in md
     assert '- ipo: `{"margin": [4.988]}`' in md  # figures to 4 significant digits
-    assert reward_collapse()["reproduced"] is None and ptx_alignment_tax()["reproduced"] is None
 
 
 # ------------------------------------------------------------------------------------ on the real setup
@@ -185,3 +263,39 @@ def test_dpo_margin_grows_where_ipo_settles(tmp_path):
     assert m["dpo"]["margin"][-1] > 2 * 5.0 and m["dpo"]["rejected_logratio"][-1] < m["ipo"]["rejected_logratio"][-1]
     assert check["reproduced"] is True
     assert not any(tmp_path.iterdir())  # the steps run in the check: no run directory written
+
+
+@pytest.mark.slow
+def test_ptx_and_reward_collapse_checks_at_tiny_budgets(tmp_path):
+    """The two training checks end to end on the test cache's SFT policy and reward model: PPO and
+    PPO-ptx for 2 iterations on 2 seeds, and one RM per kind for 3 steps on 16 ranked prompts."""
+    task = registry.create("task", "sentiment", {})
+    tax = ptx_alignment_tax(task, tmp_path, seeds=(0, 1), steps=2, eval_prompts=16)
+    m = tax["measured"]
+    print("\n" + json.dumps(bench_checks.rounded({k: v for k, v in m.items() if k not in ("ppo", "ppo-ptx")})))
+    assert m["seeds"] == [0, 1] and m["train"]["steps"] == 2 and m["train"]["batch_size"] == 32 and m["ptx_coef"] == bench_checks_training.PTX_COEF
+    assert m["ptx_batch_size"] == 8 and m["held_out_demonstrations"] == 400 and m["eval_prompts"] == 16
+    assert 0 < m["sft"]["nll"] < math.log(len(task.tokenizer()))  # the SFT policy knows the language
+    for label in ("ppo", "ppo-ptx"):
+        assert [r["seed"] for r in m[label]] == [0, 1]
+        assert all(r["tax"] == pytest.approx(r["nll"] - m["sft"]["nll"]) and r["kl"] >= -0.5 for r in m[label])
+    by_hand = [a["tax"] - b["tax"] for a, b in zip(m["ppo"], m["ppo-ptx"])]
+    assert m["tax_reduction"]["differences"] == pytest.approx(by_hand) and math.isfinite(m["tax_reduction"]["interval"][0])
+    assert tax["reproduced"] is (m["tax_reduction"]["interval"][0] > 0) and "Alignment tax" in tax["note"]
+    assert not any(tmp_path.iterdir())  # the steps run in the check: no run directory written
+
+    collapse = reward_collapse(task, tmp_path, seeds=(0,), utilities=("none",), prompts=16, steps=3, batch_size=16)
+    m = collapse["measured"]
+    print(json.dumps(bench_checks.rounded(m["summary"])))
+    assert m["prompts"] == 16 and m["seeds"] == [0] and m["train"] == {"steps": 3, "batch_size": 16, "lr": 1e-3}
+    assert set(m["runs"]) == {"none", "regression"} and m["held_out_prompts"] >= 150
+    assert m["gold_ratio"]["ranked"] > 1 and m["gold_ratio"]["held_out"] > 1  # the quarters' gold spreads differ
+    for rows in m["runs"].values():
+        row = rows[0]
+        assert 0 <= row["train_pair_accuracy"] <= 1
+        for split in ("ranked", "held_out"):
+            f = row[split]
+            assert f["gold_ratio"] == pytest.approx(m["gold_ratio"][split])
+            assert f["collapse_index"] == pytest.approx(1 - math.log(f["model_ratio"]) / math.log(f["gold_ratio"]))
+    assert collapse["reproduced"] is False  # one seed: no interval over the control, so no collapse is claimed
+    assert "not reproduced at this scale" in collapse["note"] and "above it on" in collapse["note"]
