@@ -9,13 +9,15 @@ Run from the repository root (TRL is the optional extra `peers`: `pip install -e
     .venv/bin/python benchmarks/peers.py dpo --size vocab128k  # ... vocabulary 128000
     .venv/bin/python benchmarks/peers.py dpo --size len512     # ... vocabulary 32000, 512-token sequences
     .venv/bin/python benchmarks/peers.py grpo --size tiny      # GRPO iterations against GRPOTrainer
+    .venv/bin/python benchmarks/peers.py kto --size tiny       # also simpo, orpo, reward (reward-model training)
     .venv/bin/python benchmarks/peers.py dpo --quick           # 2 repeats of few steps, printed only
 
 Writes ``benchmarks/results/peers-<algorithm>-<size>.md`` (and ``.json``), not with ``--quick``.
 
 The workload: a randomly initialised GPT-2 saved once (with a word-level tokenizer: one token per
 word, so every sequence has exactly the lengths asked for) and read by every run; rows of random
-words in TRL's standard formats (prompt/chosen/rejected for DPO, prompt-only for GRPO/RLOO), the
+words in TRL's standard formats (prompt/chosen/rejected for DPO, SimPO, ORPO and the reward model;
+the same pairs unpaired into prompt/completion/label rows for KTO; prompt-only for GRPO/RLOO), the
 same rows for every run; one CPU thread per run, each run in its own process (its peak RSS is its
 own), the runs interleaved (`--repeats` rounds of every contender) so a change in the machine's
 load hits all of them alike.
@@ -29,6 +31,14 @@ final save are outside it and reported apart as the run's wall time. Dropout is 
 are rlhfzoo's defaults; TRL's own on a CPU are bf16 autocast and gradient checkpointing, set off
 here (`bf16=False, gradient_checkpointing=False`): with them, on a CPU without bf16 matrix units,
 its tiny-model DPO step measured 5-7 s instead of 0.3-0.6 s.
+
+The contenders: TRL 1.16's trainer (`trl`; the workloads and the trainers' settings are in
+`peers_workloads.py`), rlhfzoo with its defaults (`rlhfzoo`), and where a reference model is
+involved rlhfzoo with `reference: model` (`rlhfzoo-reference-model`: the reference run every
+step, as TRL's default does) and, for KTO, TRL with `precompute_ref_log_probs=True`
+(`trl-precompute`: as rlhfzoo's default `reference: cached`). Every worker counts the tokens of
+each forward pass of the GPT-2 trunk, so the report shows that both sides did the same work (and
+that the loss moved).
 """
 from __future__ import annotations
 
@@ -37,8 +47,8 @@ import datetime
 import json
 import os
 import platform
-import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,75 +58,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers_workloads import (  # noqa: E402
+    BETA, ONLINE, ORPO_LAMBDA, PAIRED, SIMPO, SIZES, build, count_tokens, rows, run_generate, run_rlhfzoo, run_trl,
+)
 
-# name: (layers, hidden, vocabulary, rows per step, prompt words, response words, steps)
-SIZES = {
-    "tiny": (2, 128, 303, 64, 8, 16, 30),
-    "vocab32k": (4, 256, 32000, 16, 16, 48, 10),
-    "vocab128k": (4, 256, 128000, 16, 16, 48, 6),  # the vocabulary x4
-    "len512": (4, 256, 32000, 4, 64, 448, 6),  # sequences x8 (512 tokens), a quarter of the pairs
-}
-CONTEXT = 1024  # positions of every model; max_length of both libraries
-# GRPO/RLOO: (prompts per step, group size, new tokens); the model of the size above.
-ONLINE = {"prompts": 8, "group": 8, "new_tokens": 16}
 CONTENDERS = {
     "dpo": ("trl", "rlhfzoo", "rlhfzoo-reference-model"),
+    "kto": ("trl", "trl-precompute", "rlhfzoo", "rlhfzoo-reference-model"),
+    "simpo": ("trl", "rlhfzoo"),
+    "orpo": ("trl", "rlhfzoo"),
+    "reward": ("trl", "rlhfzoo"),
     "grpo": ("trl", "rlhfzoo"),
     "rloo": ("trl", "rlhfzoo"),
 }
-SPECIALS = ["<pad>", "<bos>", "<eos>"]
 
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
-
-
-# ------------------------------------------------------------------------------ the workload
-
-
-def build(directory: Path, size: str) -> dict:
-    """A random GPT-2 of `size` and its word-level tokenizer, saved to `directory`."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    layers, hidden, vocab, *_ = SIZES[size]
-    words = [f"w{i}" for i in range(vocab - len(SPECIALS))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=vocab, n_positions=CONTEXT, n_embd=hidden, n_layer=layers, n_head=max(1, hidden // 64),
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config)
-    model.save_pretrained(directory)
-    fast.save_pretrained(directory)
-    return {"words": words, "params": sum(p.numel() for p in model.parameters())}
-
-
-def rows(words: list[str], algorithm: str, size: str, steps: int) -> list[dict]:
-    """The dataset of a run: every row seen once (DPO), or the prompts of every iteration (online)."""
-    _, _, _, per_step, n_prompt, n_response, _ = SIZES[size]
-    rng = random.Random(0)
-
-    def text(n: int, lead: str = "") -> str:
-        return lead + " ".join(rng.choice(words) for _ in range(n))
-
-    if algorithm == "dpo":
-        return [{"prompt": text(n_prompt), "chosen": text(n_response, " "), "rejected": text(n_response, " ")}
-                for _ in range(per_step * steps)]
-    return [{"prompt": text(n_prompt)} for _ in range(ONLINE["prompts"] * steps)]
-
-
-def reward_first_word(prompts, completions, **_):
-    """The online workload's reward: how many of the completion's words are `w0`..`w9` (cheap, deterministic)."""
-    return [float(sum(w[1:].isdigit() and int(w[1:]) < 10 for w in c.split())) for c in completions]
-
-
-# ------------------------------------------------------------------------------ one run, in its own process
 
 
 def step_seconds(ends: list[float], warmup: int) -> float:
@@ -125,81 +85,7 @@ def step_seconds(ends: list[float], warmup: int) -> float:
     return statistics.median(gaps)
 
 
-def run_trl(algorithm: str, model_dir: str, data: list[dict], steps: int, size: str, out: str) -> list[float]:
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-    class Ends(TrainerCallback):
-        def __init__(self):
-            self.ends: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-    per_step = SIZES[size][3]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    common = dict(output_dir=out, max_steps=steps, learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[],
-                  use_cpu=True, dataloader_num_workers=0, disable_dropout=True, gradient_checkpointing=False, bf16=False, lr_scheduler_type="constant", seed=0)
-    ends = Ends()
-    if algorithm == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        args = DPOConfig(per_device_train_batch_size=per_step, beta=0.1, max_length=CONTEXT, **common)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data), processing_class=tok,
-                             callbacks=[ends])
-    else:
-        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-
-        Config, Trainer = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
-        online = dict(per_device_train_batch_size=ONLINE["prompts"] * ONLINE["group"], num_generations=ONLINE["group"],
-                      max_completion_length=ONLINE["new_tokens"], temperature=1.0, top_k=0, top_p=1.0, beta=0.04)
-        args = Config(**online, **common)
-        trainer = Trainer(model=model, reward_funcs=reward_first_word, args=args,
-                          train_dataset=datasets.Dataset.from_list(data), processing_class=tok, callbacks=[ends])
-    trainer.train()
-    return ends.ends
-
-
-def run_rlhfzoo(algorithm: str, mode: str, model_dir: str, data: list[dict], steps: int, size: str, out: str) -> list[float]:
-    import rlhfzoo
-
-    per_step = SIZES[size][3]
-    policy = {"init": model_dir, "max_length": CONTEXT, "max_new_tokens": ONLINE["new_tokens"]}
-    train = {"steps": steps, "lr": 1e-4, "lr_schedule": "constant", "eval_prompts": 0, "progress": False, "log_every": 1,
-             "num_threads": 1}
-    if algorithm == "dpo":
-        spec = {"name": "dpo", "beta": 0.1, "reference": "model" if mode == "rlhfzoo-reference-model" else "cached"}
-        train["batch_size"] = per_step
-        reward = None
-    else:
-        spec = {"name": algorithm, "group_size": ONLINE["group"], **({"beta": 0.04} if algorithm == "grpo" else {"kl_coef": 0.04})}
-        train["batch_size"] = ONLINE["prompts"]
-        reward = lambda prompts, responses: reward_first_word(prompts, responses)  # noqa: E731
-    rlhfzoo.train({"algorithm": spec, "policy": policy, "train": train}, train_dataset=data, reward=reward, output_dir=out)
-    metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [m["elapsed"] for m in metrics]
-
-
-def run_generate(model_dir: str, data: list[dict], steps: int) -> list[float]:
-    """The floor of an online iteration on this machine: plain `model.generate` (KV cache) of every
-    sample of an iteration at once, nothing else."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    ends = [time.perf_counter()]
-    n = ONLINE["prompts"]
-    for k in range(steps):
-        prompts = [r["prompt"] for r in data[k * n : (k + 1) * n] for _ in range(ONLINE["group"])]
-        enc = tok(prompts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            model.generate(**enc, do_sample=True, max_new_tokens=ONLINE["new_tokens"], top_k=0, pad_token_id=tok.pad_token_id)
-        ends.append(time.perf_counter())
-    return ends
+# ------------------------------------------------------------------------------ one run, in its own process
 
 
 def worker(args) -> dict:
@@ -210,27 +96,34 @@ def worker(args) -> dict:
     import datasets  # noqa: F401
     import transformers  # noqa: F401
 
-    if args.worker == "trl":
+    if args.worker.startswith("trl"):
         import trl  # noqa: F401
     elif args.worker.startswith("rlhfzoo"):
         import rlhfzoo.trainer  # noqa: F401
     data = json.loads(Path(args.data).read_text())
+    counts = count_tokens()
     baseline = rss_mb()
     out = tempfile.mkdtemp(prefix=f"peers-{args.worker}-")
     start = time.perf_counter()
-    if args.worker == "trl":
-        ends = run_trl(args.algorithm, args.model, data, args.steps, args.size, out)
+    if args.worker.startswith("trl"):
+        ends, losses = run_trl(args.algorithm, args.worker, args.model, data, args.steps, args.size, out)
     elif args.worker == "generate":
-        ends = run_generate(args.model, data, args.steps)
+        ends, losses = run_generate(args.model, data, args.steps)
     else:
-        ends = run_rlhfzoo(args.algorithm, args.worker, args.model, data, args.steps, args.size, out)
+        ends, losses = run_rlhfzoo(args.algorithm, args.worker, args.model, data, args.steps, args.size, out)
+    run_seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)  # the run's checkpoints and final weights: not needed
     return {
         "contender": args.worker,
         "seconds_per_step": step_seconds(ends, args.warmup),
         "steps_timed": len(ends) - 1 - args.warmup,
-        "run_seconds": time.perf_counter() - start,
+        "run_seconds": run_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "baseline_rss_mb": baseline,
+        "losses": losses,
+        "grad_tokens_per_step": counts["grad_tokens"] / args.steps,
+        "grad_positions_per_step": counts["grad_positions"] / args.steps,
+        **{k: v for k, v in counts.items() if k.startswith("nograd")},
     }
 
 
@@ -255,11 +148,15 @@ def machine() -> str:
 
 
 def tokens_per_step(algorithm: str, size: str) -> int:
-    """Tokens through the policy per step: both sides of every pair (prompt + response + EOS), or
-    the samples' new tokens at most (online; random weights rarely end a response early)."""
+    """Tokens through the policy per step: both sides of every pair (DPO: prompt + response + EOS,
+    as TRL's DPO sequences; the others with the BOS both libraries put first), KTO's unpaired rows
+    (the same sequences), or the samples' new tokens at most (online; random weights rarely end a
+    response early)."""
     _, _, _, per_step, n_prompt, n_response, _ = SIZES[size]
     if algorithm == "dpo":
         return per_step * 2 * (n_prompt + n_response + 1)
+    if algorithm in PAIRED or algorithm == "kto":
+        return per_step * 2 * (1 + n_prompt + n_response + 1)
     return ONLINE["prompts"] * ONLINE["group"] * ONLINE["new_tokens"]
 
 
@@ -282,10 +179,10 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    contenders = list(CONTENDERS[args.algorithm]) + ([] if args.algorithm == "dpo" else ["generate"])
+    contenders = list(CONTENDERS[args.algorithm]) + (["generate"] if args.algorithm in ("grpo", "rloo") else [])
     if args.only:
         contenders = [c for c in contenders if c in args.only.split(",")]
-    if "trl" in contenders:
+    if any(c.startswith("trl") for c in contenders):
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -306,22 +203,34 @@ def main() -> None:
                 if done.returncode:
                     sys.exit(f"the {c} worker failed:\n{done.stderr[-4000:]}")
                 results[c].append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"round {round_ + 1}: {json.dumps(results[c][-1])}", flush=True)
+                shown = {k: v for k, v in results[c][-1].items() if k != "losses"}
+                print(f"round {round_ + 1}: {json.dumps(shown)}", flush=True)
     report(args, contenders, results, built["params"], load_before)
 
 
+def workload(algorithm: str, size: str) -> str:
+    """The report's one-line description of the workload of `algorithm`."""
+    _, _, _, per_step, n_prompt, n_response, _ = SIZES[size]
+    pairs = f"{per_step} pairs per step of {n_prompt}-word prompts and {n_response}-word responses"
+    return {
+        "dpo": f"{pairs}, beta 0.1, lr 1e-4, AdamW",
+        "kto": f"{2 * per_step} unpaired rows per step (the chosen and rejected responses of {pairs}, labelled desirable and "
+        f"undesirable), beta {BETA}, z0 from the mismatched pairs of each step's rows, lr 1e-4, AdamW",
+        "simpo": f"{pairs}, beta {SIMPO['beta']}, gamma {SIMPO['gamma']} (TRL: CPOTrainer, loss_type simpo, cpo_alpha 0), lr 1e-4, AdamW",
+        "orpo": f"{pairs}, lambda {ORPO_LAMBDA} (TRL's beta), lr 1e-4, AdamW",
+        "reward": f"{pairs}, Bradley-Terry reward model (a bias-free scalar head on the last token), lr 1e-4, AdamW",
+    }.get(algorithm, f"{ONLINE['prompts']} prompts of {n_prompt} words x {ONLINE['group']} samples of up to {ONLINE['new_tokens']} "
+          "new tokens per step, beta (KL coefficient) 0.04, lr 1e-4; reward: a cheap function of the words")
+
+
 def report(args, contenders, results, params, load_before) -> None:
-    layers, hidden, vocab, per_step, n_prompt, n_response, _ = SIZES[args.size]
+    layers, hidden, vocab, *_ = SIZES[args.size]
     tokens = tokens_per_step(args.algorithm, args.size)
     base = "trl" if "trl" in contenders else contenders[0]
     med = {c: {k: statistics.median(r[k] for r in results[c]) for k in ("seconds_per_step", "peak_rss_mb", "baseline_rss_mb", "run_seconds")}
            for c in contenders}
     argv = " ".join(a for a in sys.argv[1:])
-    if args.algorithm == "dpo":
-        work = f"{per_step} pairs per step of {n_prompt}-word prompts and {n_response}-word responses, beta 0.1, lr 1e-4, AdamW"
-    else:
-        work = (f"{ONLINE['prompts']} prompts of {n_prompt} words x {ONLINE['group']} samples of up to {ONLINE['new_tokens']} "
-                "new tokens per step, beta (KL coefficient) 0.04, lr 1e-4; reward: a cheap function of the words")
+    offline = args.algorithm in PAIRED or args.algorithm == "kto"
     lines = [
         f"# rlhfzoo vs TRL: {args.algorithm}, size `{args.size}`",
         "",
@@ -330,10 +239,10 @@ def report(args, contenders, results, params, load_before) -> None:
         f"- load average before / after: {[round(x, 2) for x in load_before]} / {[round(x, 2) for x in os.getloadavg()]}",
         f"- command: `.venv/bin/python benchmarks/peers.py {argv}`",
         f"- model: GPT-2 {layers} layers x {hidden}, vocabulary {vocab}, {params / 1e6:.2f} M parameters, float32, random weights",
-        f"- workload: {work}; {args.steps} steps per run, median step time after {args.warmup} warm-up steps; "
-        f"{args.repeats} interleaved rounds, one CPU thread and one process per run",
+        f"- workload: {workload(args.algorithm, args.size)}; {args.steps} steps per run, median step time after {args.warmup} "
+        f"warm-up steps; {args.repeats} interleaved rounds, one CPU thread and one process per run",
         "",
-        f"| contender | seconds per step | {'tokens' if args.algorithm == 'dpo' else 'new tokens (at most)'} per second "
+        f"| contender | seconds per step | {'tokens' if offline else 'new tokens (at most)'} per second "
         f"| speed vs {base} | peak RSS (MiB) | memory vs {base} | peak RSS above imports (MiB) | above imports vs {base} "
         "| run wall (s) | per round (s/step) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -347,8 +256,18 @@ def report(args, contenders, results, params, load_before) -> None:
             f"| {m['peak_rss_mb']:.0f} | {m['peak_rss_mb'] / b['peak_rss_mb']:.2f}x | {above:.0f} | {above / above_b:.2f}x "
             f"| {m['run_seconds']:.1f} | {rounds} |"
         )
-    lines += ["", "Speed vs the baseline: its seconds per step over this one's (above 1: faster). Medians over the rounds.", ""]
-    text = "\n".join(lines)
+    lines += ["", "Speed vs the baseline: its seconds per step over this one's (above 1: faster). Medians over the rounds.", "",
+              "The work done, counted in every forward pass of the GPT-2 trunk (first round): tokens (padding left out) and "
+              "padded positions of the passes with gradients per step; passes without gradients in the whole run (reference, "
+              "KL estimate, precomputed reference, sampling); the loss logged at the first and last step.", "",
+              "| contender | tokens with grad per step | positions with grad per step | passes without grad | tokens without grad "
+              "| loss first -> last |", "|---|---|---|---|---|---|"]
+    for c in contenders:
+        r = results[c][0]
+        loss = f"{r['losses'][0]:.6f} -> {r['losses'][-1]:.6f}" if r["losses"] else "-"
+        lines.append(f"| {c} | {r['grad_tokens_per_step']:.0f} | {r['grad_positions_per_step']:.0f} | {r['nograd_forwards']} "
+                     f"| {r['nograd_tokens']} | {loss} |")
+    text = "\n".join(lines + [""])
     print(text)
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
