@@ -44,18 +44,23 @@ def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
 
 
 def encode(
-    tokenizer: Any, prompt: Text, response: Text, max_length: int, stats: TruncationStats | None = None
+    tokenizer: Any, prompt: Text, response: Text, max_length: int, stats: TruncationStats | None = None,
+    texts: tuple[list[int], list[int]] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of `[bos] prompt response [eos]` (a conversation: its chat-template rendering)
     and the matching response mask, cut to `max_length`: the prompt from the left after its first
-    token, then the response from the right."""
+    token, then the response from the right. `texts`: the plain prompt's and response's ids, where
+    the caller has tokenised them already (`sequence_batch`, in one call per batch)."""
     if isinstance(prompt, Chat) or isinstance(response, Chat):
         ids, mask = encode_chat(tokenizer, prompt if isinstance(prompt, Chat) else Chat(), response)
         start = mask.index(1) if 1 in mask else len(mask)  # the prompt: everything before the first trained token
         p, r, r_mask = ids[:start], ids[start:], mask[start:]
     else:
-        p = prompt_ids(tokenizer, prompt)
-        r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        p_text, r_text = texts if texts is not None else (
+            tokenizer(prompt, add_special_tokens=False)["input_ids"], tokenizer(response, add_special_tokens=False)["input_ids"])
+        bos = tokenizer.bos_token_id
+        p = ([bos] if bos is not None else []) + list(p_text)  # as `prompt_ids`
+        r = list(r_text) + [tokenizer.eos_token_id]
         r_mask = [1] * len(r)
     if stats is not None:
         stats.sequences += 1
@@ -80,11 +85,26 @@ def pad(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch
     return out
 
 
+def padded(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """`pad(rows, value)` (right padding) built in one tensor call."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
 def sequence_batch(tokenizer: Any, pairs: Sequence[tuple[Text, Text]], max_length: int, stats=None) -> SequenceBatch:
-    encoded = [encode(tokenizer, p, r, max_length, stats) for p, r in pairs]
-    ids = pad([e[0] for e in encoded], tokenizer.pad_token_id)
-    attn = pad([[1] * len(e[0]) for e in encoded], 0)
-    resp = pad([e[1] for e in encoded], 0)
+    """The pairs' `encode`d sequences, right-padded to the longest. Plain-text prompts and responses
+    are tokenised in one call each per batch (a fast tokenizer's batch gives each text the ids it
+    gives alone); conversations go through their chat template one by one."""
+    plain = [i for i, (p, r) in enumerate(pairs) if not isinstance(p, Chat) and not isinstance(r, Chat)]
+    texts: dict[int, tuple[list[int], list[int]]] = {}
+    if plain:
+        prompts = tokenizer([pairs[i][0] for i in plain], add_special_tokens=False)["input_ids"]
+        responses = tokenizer([pairs[i][1] for i in plain], add_special_tokens=False)["input_ids"]
+        texts = dict(zip(plain, zip(prompts, responses)))
+    encoded = [encode(tokenizer, p, r, max_length, stats, texts.get(i)) for i, (p, r) in enumerate(pairs)]
+    ids = padded([e[0] for e in encoded], tokenizer.pad_token_id)
+    attn = padded([[1] * len(e[0]) for e in encoded], 0)
+    resp = padded([e[1] for e in encoded], 0)
     return SequenceBatch(ids, attn, resp)
 
 
