@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 
 from rlhfzoo import hookimpl
-from rlhfzoo.interfaces import BenchProtocol, LossOutput, Objective, UnpairedExample
+from rlhfzoo.interfaces import BenchProtocol, Demonstration, LossOutput, Objective, UnpairedExample
 from rlhfzoo.ops import all_sum, distributed, masked_mean
 from rlhfzoo.plugins._preference import (
     ImplicitRewardEvaluation, PreferenceConfig, ReferenceCache, concat, reference_logprobs, response_tokens,
@@ -170,7 +170,8 @@ class KTO(ImplicitRewardEvaluation, Objective):
         seq = batch.sequences
         kl_seq = batch.kl_sequences  # `loss` called without `prepare`: the collator's in-batch pairs
         if self._partner is not None:  # the fixed partners
-            kl_seq = self._collate([(int(i), self._mismatched(int(i))) for i in batch.index.tolist()]).sequences.to(seq.input_ids.device)
+            pairs = (self._mismatched(int(i)) for i in batch.index.tolist())  # collated as demonstrations: no in-batch pairs of their own
+            kl_seq = self._collate([(0, Demonstration(m.prompt, m.response)) for m in pairs]).sequences.to(seq.input_ids.device)
         if self.config.reference == "cached" and "own" in self.cache:  # their reference log-probs cached
             return kl_seq, self.cache.lookup("own", batch.index), self.cache.lookup("kl", batch.index)
         both = reference_logprobs(reference, concat(seq, kl_seq), self.config.average_logprobs)  # one forward
