@@ -195,11 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", help="reward source the algorithms train against (default: the task's reward model)")
     p.add_argument("--sweep", help="e.g. algorithm.beta=0.05,0.1,0.5: one row per value, for the frontier plot; `kl`: every algorithm over its own KL knob (`rlhfzoo show NAME`)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation (default: 200)")
-    p.add_argument("--quick", action="store_true", help="one seed and 100 eval prompts: the README's main job and CI")
+    p.add_argument("--quick", action="store_true",
+                   help="one seed, 100 eval prompts and, unless --jobs says otherwise, 2 runs at a time: the README's main job")
     p.add_argument("--force", action="store_true", help="rerun finished runs instead of reusing them")
     p.add_argument(
-        "--jobs", type=int, default=1,
-        help="runs at the same time (default: 1); each gets max(1, cores // JOBS) CPU threads through its environment, "
+        "--jobs", type=int,
+        help="runs at the same time (default: 1; with --quick, 2 where there are 2 cores); each gets max(1, cores // JOBS) CPU threads through its environment, "
         "not its config, so a run's results do not depend on --jobs beyond float nondeterminism",
     )
     p.add_argument(
@@ -269,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.worker, args.lock_fd, args.parent_pid)
     if args.quick:
         args.seeds, args.eval_prompts = 1, min(args.eval_prompts, 100)
+    if args.jobs is None:  # tiny rows gain little from a second thread, much from a second run
+        args.jobs = min(2, os.cpu_count() or 1) if args.quick else 1
     out = Path(args.out)
     specs = plan(args)  # every name resolved and every config validated before anything runs
     task = load_run_config(specs[0]).task.create()

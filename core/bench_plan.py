@@ -76,7 +76,7 @@ def check_counts(args) -> None:
     for flag, value, what in (
         ("--seeds", args.seeds, "runs per algorithm"),
         ("--eval-prompts", args.eval_prompts, "held-out prompts each run is scored on"),
-        ("--jobs", args.jobs, "runs at the same time"),
+        ("--jobs", 1 if args.jobs is None else args.jobs, "runs at the same time"),  # None: the default, set by `bench.main`
     ):
         if value < 1:
             raise BenchError(f"{flag} must be at least 1 ({what}), got {value}.")
