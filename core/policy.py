@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_model, save_model
 
 from rlhfzoo import hookimpl, lora, stages
-from rlhfzoo.data.collate import prompt_ids
+from rlhfzoo.data.collate import pad, prompt_ids
 from rlhfzoo.errors import UserError
 from rlhfzoo.hf_model import LMWithHeads, build_scratch_model, config_values, disable_dropout, last_hidden_states, model_kwargs
 from rlhfzoo.interfaces import Policy, PluginConfig, Rollout
@@ -194,9 +194,8 @@ def sample_rollout(policy: Policy, prompts: Sequence[str], cfg: HFPolicyConfig) 
     encoded: list[list[int]] = []  # a group's copies of one prompt (consecutive) are tokenised once
     for i, p in enumerate(prompts):
         encoded.append(encoded[-1] if i and p == prompts[i - 1] else prompt_ids(tok, p)[-(cfg.max_length - cfg.max_new_tokens):])
-    width = max(map(len, encoded))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded], dtype=torch.long)  # left-padded
-    attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=torch.long)
+    ids = pad(encoded, tok.pad_token_id, side="left")
+    attn = pad([[1] * len(e) for e in encoded], 0, side="left")
     device = next(lm.parameters()).device
     was_training = lm.training
     lm.eval()

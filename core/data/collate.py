@@ -38,7 +38,11 @@ def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
     """The ids a policy generates from: `[bos] prompt`, or a conversation with the chat template's generation prompt."""
     if isinstance(prompt, Chat):
         return chat_prompt_ids(tokenizer, prompt)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return with_bos(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def with_bos(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """`[bos] ids`, or `ids` for a tokenizer without a BOS token."""
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + list(ids)
 
@@ -58,8 +62,7 @@ def encode(
     else:
         p_text, r_text = texts if texts is not None else (
             tokenizer(prompt, add_special_tokens=False)["input_ids"], tokenizer(response, add_special_tokens=False)["input_ids"])
-        bos = tokenizer.bos_token_id
-        p = ([bos] if bos is not None else []) + list(p_text)  # as `prompt_ids`
+        p = with_bos(tokenizer, p_text)  # as `prompt_ids`
         r = list(r_text) + [tokenizer.eos_token_id]
         r_mask = [1] * len(r)
     if stats is not None:
@@ -74,21 +77,11 @@ def encode(
 
 
 def pad(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    """`rows` padded with `value` to the longest, on the right or the left, in one tensor call."""
     width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            if side == "right":
-                out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            else:
-                out[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def padded(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    """`pad(rows, value)` (right padding) built in one tensor call."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+    if side == "right":
+        return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+    return torch.tensor([[value] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
 
 
 def sequence_batch(tokenizer: Any, pairs: Sequence[tuple[Text, Text]], max_length: int, stats=None) -> SequenceBatch:
@@ -102,9 +95,9 @@ def sequence_batch(tokenizer: Any, pairs: Sequence[tuple[Text, Text]], max_lengt
         responses = tokenizer([pairs[i][1] for i in plain], add_special_tokens=False)["input_ids"]
         texts = dict(zip(plain, zip(prompts, responses)))
     encoded = [encode(tokenizer, p, r, max_length, stats, texts.get(i)) for i, (p, r) in enumerate(pairs)]
-    ids = padded([e[0] for e in encoded], tokenizer.pad_token_id)
-    attn = padded([[1] * len(e[0]) for e in encoded], 0)
-    resp = padded([e[1] for e in encoded], 0)
+    ids = pad([e[0] for e in encoded], tokenizer.pad_token_id)
+    attn = pad([[1] * len(e[0]) for e in encoded], 0)
+    resp = pad([e[1] for e in encoded], 0)
     return SequenceBatch(ids, attn, resp)
 
 
