@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rlhfzoo.budget import BUDGET_AXES, check_budget
 from rlhfzoo.errors import UserError
@@ -49,6 +49,9 @@ class ConfigError(UserError):
         lines += [f"  {path or '<top>'}: {msg}".replace("\n", "\n    ") for path, msg in errors]
         super().__init__("\n".join(lines))
 
+
+# Held-out figures of the periodic evaluation that `train.eval_target` can wait for (higher is better).
+EVAL_TARGET_FIGURES = ("gold", "proxy")
 
 # AdamW moves every weight by about `lr` per step: above 1 no run learns anything, it only diverges.
 MAX_LR = 1.0
@@ -84,6 +87,12 @@ class TrainConfig(PluginConfig):
         description="End the run at the first step where this much has been spent, on one axis: {AXIS: AMOUNT} with AXIS one of "
         + ", ".join(BUDGET_AXES) + " (rlhfzoo.budget); `steps` is then the cap, and the learning-rate schedule still runs over it.",
     )
+    eval_target: dict[str, float] | None = Field(
+        None,
+        description="End the run at the first periodic evaluation (every `eval_every` steps) whose held-out figure "
+        "reaches this: {FIGURE: VALUE} with FIGURE one of " + ", ".join(EVAL_TARGET_FIGURES) + "; `steps` is then "
+        "the cap. E.g. an SFT policy trained until it is good enough, whenever a run gets there.",
+    )
     progress: bool = Field(True, description="Show a progress bar on the console.")
     num_threads: int | None = Field(
         None, ge=1,
@@ -100,6 +109,20 @@ class TrainConfig(PluginConfig):
     @classmethod
     def one_axis(cls, budget: dict[str, float] | None) -> dict[str, float] | None:
         return check_budget(budget)
+
+    @field_validator("eval_target")
+    @classmethod
+    def one_figure(cls, target: dict[str, float] | None) -> dict[str, float] | None:
+        if target is not None and (len(target) != 1 or next(iter(target)) not in EVAL_TARGET_FIGURES):
+            raise ValueError(f"give one figure of {', '.join(EVAL_TARGET_FIGURES)} and its value, e.g. {{gold: 0.5}}; got {dict(target)}")
+        return target
+
+    @model_validator(mode="after")
+    def target_is_evaluated(self):
+        if self.eval_target is not None and not (self.eval_every and self.eval_prompts):
+            raise ValueError("train.eval_target is checked at the periodic evaluations: set train.eval_every "
+                             f"and train.eval_prompts above 0 (they are {self.eval_every} and {self.eval_prompts})")
+        return self
 
 
 SECTIONS: dict[str, str] = {"task": "task", "policy": "policy", "algorithm": "objective", "reward": "reward_source"}

@@ -41,7 +41,7 @@ import torch
 
 from rlhfzoo import budget, checkpoint, run_dir, stages, tracking
 from rlhfzoo.checkpoint import latest_checkpoint  # noqa: F401  (part of this module's API)
-from rlhfzoo.config import RunConfig
+from rlhfzoo.config import ConfigError, RunConfig
 from rlhfzoo.counting_reward import CountingReward
 from rlhfzoo.data.collate import Collator
 from rlhfzoo.interfaces import Batch, Objective, Policy, RewardSource, Task
@@ -66,7 +66,7 @@ class Trainer(Checkpoints):
 
         self.cfg = cfg
         self.train = cfg.train
-        self.log = log
+        self.log = log or (lambda *_: None)
         if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise TrainingError(
                 "train.mixed_precision=fp16 needs a CUDA GPU and this machine has none (on CPU it would silently "
@@ -116,6 +116,7 @@ class Trainer(Checkpoints):
             raise TrainingError(f"train.budget: policy {cfg.policy.entry.name!r} has no transformers model to count FLOPs of; "
                                 "give it a budget in seconds, train_tokens or examples")
         self.budget_record: dict[str, Any] | None = None  # train.budget: what was spent (`budget.report`)
+        self.target_step: int | None = None  # the step whose evaluation reached train.eval_target
         self.collator = Collator(self.policy.tokenizer, max_length=getattr(self.policy.config, "max_length", 128))
         self.data = self._load_data()
         self.objective.setup(self.policy, self.task)
@@ -326,6 +327,7 @@ class Trainer(Checkpoints):
                 last = last or self.budget_record["reached"]
             if tr.eval_every and self.step % tr.eval_every == 0 and not last:
                 metrics.update(self.periodic_eval())
+                last = self.target_reached(metrics)
             if self.step % tr.log_every == 0 or last or any(k.startswith("eval/") for k in metrics):
                 row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "elapsed": time.time() - start, **metrics}
                 log.write(row)
@@ -384,6 +386,26 @@ class Trainer(Checkpoints):
             figures = evaluate(self.policy, self.task, self.reward, self.reference_for_eval(), n, seed=self.train.seed)
         return {f"eval/{k}": v for k, v in figures.items() if k in ("gold", "proxy", "kl")}
 
+    def target_reached(self, metrics: dict[str, float]) -> bool:
+        """Whether this step's periodic evaluation reached `train.eval_target` (decided by the main
+        process, which evaluates, and shared with the others so that every process stops)."""
+        if self.train.eval_target is None:
+            return False
+        (figure, value), = self.train.eval_target.items()
+        reached = 0.0
+        if self.accelerator.is_main_process:
+            if f"eval/{figure}" not in metrics:
+                reports = ", ".join(k.removeprefix("eval/") for k in metrics if k.startswith("eval/")) or "nothing"
+                raise ConfigError([("train.eval_target", f"this run's evaluation reports no `{figure}` (it reports {reports}); "
+                                    "name one of those, or leave eval_target out")], self.cfg.source)
+            reached = float(metrics[f"eval/{figure}"] >= value)
+        if counts_across_processes({"reached": reached}, device=self.accelerator.device)["reached"] > 0:
+            self.log(f"[rlhfzoo] step {self.step}: held-out {figure} {metrics.get(f'eval/{figure}', float('nan')):.3f} "
+                     f">= {value:g} (train.eval_target); ending the run")
+            self.target_step = self.step
+            return True
+        return False
+
     def budget_spent(self, seconds: float) -> float:
         """How much of `train.budget`'s axis the run has spent so far, over every process (the same
         figure on each, so they all stop at the same step)."""
@@ -401,6 +423,8 @@ class Trainer(Checkpoints):
         summary: dict[str, Any] = {"finished": True, "step": self.step, "train_seconds": seconds}
         if self.budget_record is not None:
             summary["budget"] = self.budget_record
+        if self.train.eval_target is not None:
+            summary["eval_target"] = {**self.train.eval_target, "reached_at_step": self.target_step}
         counters = counts_across_processes(self.policy.counters, device=acc.device)  # every process's budget
         if self.params:
             counters["flops"] = budget.flops(counters, self.params)

@@ -65,14 +65,15 @@ def sft_run_data(task: Any) -> dict[str, Any]:
         "task": {"name": task.name, **task.sft_task_options()},
         "policy": {"name": "hf", "init": "scratch", **task.default_model_config()},
         "algorithm": {"name": "sft"},
-        "train": {**task.sft_recipe(), "progress": False, "eval_prompts": 0},
+        "train": {"eval_prompts": 0, **task.sft_recipe(), "progress": False},  # a recipe may evaluate (eval_target)
     }
 
 
 # Train settings that change the SFT weights (the rest only change logging, checkpoints, the final evaluation).
 WEIGHT_FIELDS = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_schedule",
-                 "max_grad_norm", "mixed_precision", "seed", "eval_every", "num_threads")
-# eval_every: sampling mid-run draws random numbers; num_threads: the order of the CPU's sums
+                 "max_grad_norm", "mixed_precision", "seed", "eval_every", "eval_target", "num_threads")
+# eval_every: sampling mid-run draws random numbers (as many as eval_prompts asks for, then); eval_target:
+# where the run ends; num_threads: the order of the CPU's sums
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 
@@ -85,7 +86,8 @@ def is_sft_stage(cfg: Any) -> bool:
     policy = {k: v for k, v in cfg.policy.to_dict().items() if k not in SAMPLING_FIELDS}
     stage_policy = {k: v for k, v in stage.policy.to_dict().items() if k not in SAMPLING_FIELDS}
     train, stage_train = cfg.train.model_dump(), stage.train.model_dump()
-    return policy == stage_policy and all(train[k] == stage_train[k] for k in WEIGHT_FIELDS)
+    fields = WEIGHT_FIELDS + (("eval_prompts",) if stage_train["eval_every"] else ())
+    return policy == stage_policy and all(train[k] == stage_train[k] for k in fields)
 
 
 def run_eval(run_dir: Path) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 
 The chunked path (:mod:`._torch_impl`) computes the unshifted ``sum_v exp(x_v / T)`` of a
 log-sum-exp in three passes over a cache-sized tile (upcast to fp32, ``exp``, ``sum``), and
-the log-prob gradient ``-g exp(x / T - lse)`` in two or three.  Inductor fuses each into one
+the log-prob gradient ``coef * exp(x / T - hi)`` in two or three.  Inductor fuses each into one
 loop per row (load, convert, ``exp``, accumulate or store in fp32).  Measured with
 ``benchmarks/kernels.py`` on 2 cores (two runs): the forward over ``[2, 512, 128256]`` logits
 went from 2.36x / 1.82x a read pass (bf16 / fp32) to 1.31-1.67x / 1.60-1.79x, and the
@@ -34,9 +34,11 @@ def _sum_exp(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
     return torch.exp(x.to(torch.float32) * inv_temp).sum(-1)
 
 
-def _logprob_grad(x: torch.Tensor, neg_lse: torch.Tensor, neg_g: torch.Tensor, inv_temp: float, out: torch.Tensor) -> None:
-    # -g p / T with p = exp(x / T - lse); the caller adds g / T at the targets
-    out.copy_(torch.exp(x.to(torch.float32) * inv_temp + neg_lse[:, None]) * neg_g[:, None])
+def _logprob_grad(x: torch.Tensor, hi: torch.Tensor, coef: torch.Tensor, inv_temp: float, out: torch.Tensor) -> None:
+    # -g p / T = exp(z - hi) * coef, coef = -g exp(-lo) / T; the caller adds g / T at the targets.
+    # z = x * inv_temp is rounded before the subtraction (C++ without floating-point contraction),
+    # as in the forward: inv_temp is already rounded to fp32 by the caller.
+    out.copy_(torch.exp(x.to(torch.float32) * inv_temp - hi[:, None]) * coef[:, None])
 
 
 def enabled() -> bool:
@@ -73,6 +75,7 @@ def sum_exp(x: torch.Tensor, inv_temp: float) -> torch.Tensor | None:
     return None if s is _FAILED else s
 
 
-def logprob_grad_(x: torch.Tensor, neg_lse: torch.Tensor, neg_g: torch.Tensor, inv_temp: float, out: torch.Tensor) -> bool:
-    """``out = -g exp(x / T - lse)`` row-wise in one pass (``out`` may be ``x``); False: not done, use the chunked path."""
-    return _usable(x) and _call("grad_fn", _logprob_grad, x, neg_lse, neg_g, float(inv_temp), out) is not _FAILED
+def logprob_grad_(x: torch.Tensor, hi: torch.Tensor, coef: torch.Tensor, inv_temp: float, out: torch.Tensor) -> bool:
+    """``out = exp(x * inv_temp - hi) * coef`` row-wise in one pass (``out`` may be ``x``);
+    False: not done, use the chunked path."""
+    return _usable(x) and _call("grad_fn", _logprob_grad, x, hi, coef, float(inv_temp), out) is not _FAILED

@@ -148,3 +148,35 @@ def paired_row_segments(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[int,
     for i in range(x.shape[0]):
         for off, xs, ys in paired_row_segments(x[i], y[i]):
             yield i * per + off, xs, ys
+
+
+# ----------------------------------------------------------------------------
+# The per-row log-sum-exp, kept to float64.
+#
+# The backward recomputes ``p = exp(z - lse)``.  An fp32 ``lse`` is off by up to
+# ``|lse| * 6e-8`` (5e-4 at logits ~1e4), and that error becomes a relative
+# error of every ``p``, where eager ``log_softmax`` in fp32 is off by ~1e-7.
+# So the forward saves ``lse`` in float64 (one number per row) and the backward
+# splits it into an fp32 head and tail: ``z - hi`` is exact wherever ``p``
+# matters (``z`` within a factor 2 of ``hi``), and the small ``lo`` is
+# subtracted after it, or folded into a per-row factor ``exp(-lo)``.
+
+LSE_DTYPE = torch.float64
+
+
+def scale_for(acc: torch.dtype, temperature: float) -> float:
+    """``1 / T`` rounded to ``acc``: ``z = x * inv_temp`` then rounds the same in every pass and path
+    (eager, chunked, compiled, Triton), so a backward recomputes exactly the forward's ``z``."""
+    inv_temp = 1.0 / temperature
+    if acc == torch.float64:
+        return inv_temp
+    return torch.tensor(inv_temp, dtype=acc).item()
+
+
+def split_lse(lse: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float64 ``lse`` -> ``(hi, lo)`` in ``acc`` with ``hi + lo == lse`` to float64 precision
+    (``lo`` is None for float64 ``acc``: ``hi`` is exact)."""
+    if acc == torch.float64:
+        return lse, None
+    hi = lse.to(acc)
+    return hi, (lse - hi.double()).to(acc)

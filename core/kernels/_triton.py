@@ -20,8 +20,11 @@ and the KL kernel tracks both distributions, with
 ``w = sum exp(zp - mp) ((zp - mp) - (zq - mq))`` so that
 ``KL = w / sp - log sp + log sq``.
 
-Backward: recompute ``p = exp(z - lse)`` block by block from the saved
-``lse`` and write the gradient directly in the gradient tensor's dtype, so no
+The log-sum-exp ``lse = m + log s`` is stored in float64, one number per
+row; the backward splits it into an ``ACC`` head and tail (``hi + lo``, see
+``_dispatch.split_lse``) and recomputes ``log p = (z - hi) - lo`` block by
+block, which is as accurate as eager ``log_softmax`` at any magnitude of the
+logits.  It writes the gradient directly in the gradient tensor's dtype, so no
 ``[R, V]`` fp32 temporary exists.  Accumulation happens in ``ACC`` (fp32, or
 fp64 for fp64 inputs so that ``gradcheck`` works under the interpreter).
 """
@@ -87,7 +90,7 @@ def _stats_fwd_kernel(
         s = alpha * s + tl.reduce(e, 0, _add)
         m = m_new
     log_s = tl.log(s)
-    lse = m + log_s
+    lse = m.to(tl.float64) + log_s.to(tl.float64)
     one = tl.arange(0, 1)
     tl.store(LSE + row + one, lse)
     if HAS_ENT:
@@ -98,7 +101,7 @@ def _stats_fwd_kernel(
         ignored = tgt == ignore_index
         safe = tl.where(ignored, 0, tgt)
         zt = tl.load(x_row + safe * stride_xc).to(ACC) * inv_temp
-        lp = tl.where(ignored, 0.0, tl.minimum(zt - lse, 0.0))
+        lp = tl.where(ignored, 0.0, tl.minimum((zt.to(tl.float64) - lse).to(ACC), 0.0))
         tl.store(LP + row + one, lp)
 
 
@@ -114,6 +117,8 @@ def _stats_bwd_kernel(
     cols = tl.arange(0, BLOCK)
     one = tl.arange(0, 1)
     lse = tl.load(LSE + row + one)
+    hi = lse.to(ACC)
+    lo = (lse - hi.to(tl.float64)).to(ACC)
     if HAS_TGT:
         tgt = tl.load(TGT + row + one)
         g_lp = tl.load(GLP + row + one).to(ACC) * inv_temp
@@ -125,7 +130,7 @@ def _stats_bwd_kernel(
         idx = start + cols
         mask = idx < V
         z = tl.load(x_row + idx * stride_xc, mask=mask, other=float("-inf")).to(ACC) * inv_temp
-        logp = z - lse
+        logp = (z - hi) - lo
         p = tl.exp(logp)
         grad = tl.full([BLOCK], 0.0, ACC)
         if HAS_TGT:
@@ -179,8 +184,8 @@ def _kl_fwd_kernel(
     log_sp = tl.log(sp)
     log_sq = tl.log(sq)
     tl.store(KL + row + one, tl.maximum(w / sp - log_sp + log_sq, 0.0))
-    tl.store(LSEP + row + one, mp + log_sp)
-    tl.store(LSEQ + row + one, mq + log_sq)
+    tl.store(LSEP + row + one, mp.to(tl.float64) + log_sp.to(tl.float64))
+    tl.store(LSEQ + row + one, mq.to(tl.float64) + log_sq.to(tl.float64))
 
 
 @triton.jit
@@ -196,13 +201,17 @@ def _kl_bwd_kernel(
     one = tl.arange(0, 1)
     lse_p = tl.load(LSEP + row + one)
     lse_q = tl.load(LSEQ + row + one)
+    hi_p = lse_p.to(ACC)
+    lo_p = (lse_p - hi_p.to(tl.float64)).to(ACC)
+    hi_q = lse_q.to(ACC)
+    lo_q = (lse_q - hi_q.to(tl.float64)).to(ACC)
     kl = tl.load(KL + row + one)
     g = tl.load(G + row + one).to(ACC) * inv_temp
     for start in range(0, V, BLOCK):
         idx = start + cols
         mask = idx < V
-        logp = tl.load(x_row + idx * stride_xc, mask=mask, other=float("-inf")).to(ACC) * inv_temp - lse_p
-        logq = tl.load(y_row + idx * stride_yc, mask=mask, other=float("-inf")).to(ACC) * inv_temp - lse_q
+        logp = (tl.load(x_row + idx * stride_xc, mask=mask, other=float("-inf")).to(ACC) * inv_temp - hi_p) - lo_p
+        logq = (tl.load(y_row + idx * stride_yc, mask=mask, other=float("-inf")).to(ACC) * inv_temp - hi_q) - lo_q
         p = tl.exp(logp)
         if HAS_DX:
             live = p > 0
@@ -244,7 +253,7 @@ def stats_fwd(x, tgt, inv_temp, ignore_index, lp_out, lse_out, ent_out):
         tgt if has_tgt else lse_out, lp_out if has_tgt else lse_out, lse_out,
         ent_out if has_ent else lse_out,
         V, float(inv_temp), int(ignore_index),
-        HAS_TGT=has_tgt, HAS_ENT=has_ent, ACC=_acc(lse_out), BLOCK=block, num_warps=warps,
+        HAS_TGT=has_tgt, HAS_ENT=has_ent, ACC=_acc(x), BLOCK=block, num_warps=warps,
     )
 
 
@@ -260,7 +269,7 @@ def stats_bwd(x, tgt, lse, ent, g_lp, g_ent, inv_temp, ignore_index, dx_out):
         tgt if has_tgt else lse, lse, ent if has_ent else lse,
         g_lp.contiguous() if has_tgt else lse, g_ent.contiguous() if has_ent else lse,
         V, float(inv_temp), int(ignore_index),
-        HAS_TGT=has_tgt, HAS_ENT=has_ent, ACC=_acc(lse), BLOCK=block, num_warps=warps,
+        HAS_TGT=has_tgt, HAS_ENT=has_ent, ACC=_acc(x), BLOCK=block, num_warps=warps,
     )
 
 

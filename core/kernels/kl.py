@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _reference
-from ._dispatch import acc_dtype, check_temperature, implementation, paired_row_segments, resolve_backend
+from ._dispatch import LSE_DTYPE, acc_dtype, check_temperature, implementation, paired_row_segments, resolve_backend, scale_for
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -50,9 +50,9 @@ class _VocabKL(torch.autograd.Function):
         N = lead.numel()
         acc = acc_dtype(logits.dtype)
         kl = torch.empty(N, dtype=acc, device=logits.device)
-        lse_p = torch.empty_like(kl)
-        lse_q = torch.empty_like(kl)
-        inv_temp = 1.0 / temperature
+        lse_p = torch.empty(N, dtype=LSE_DTYPE, device=logits.device)
+        lse_q = torch.empty_like(lse_p)
+        inv_temp = scale_for(acc, temperature)
         if N > 0:
             for off, xs, ys in paired_row_segments(logits, ref_logits):
                 r = slice(off, off + xs.shape[0])

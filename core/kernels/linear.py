@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _reference
-from ._dispatch import acc_dtype, check_temperature, implementation, resolve_backend
+from ._dispatch import LSE_DTYPE, acc_dtype, check_temperature, implementation, resolve_backend, scale_for
 
 # Target size of one chunk of fp32-equivalent logits.  Bigger chunks mean
 # fewer, larger GEMMs (the dW update ``dlogits_c.T @ hidden_c`` has only
@@ -97,9 +97,9 @@ class _LinearStats(torch.autograd.Function):
         N = h2.shape[0]
         acc = acc_dtype(torch.promote_types(hidden.dtype, weight.dtype))
         lp = torch.empty(N, dtype=acc, device=hidden.device)
-        lse = torch.empty_like(lp)
+        lse = torch.empty(N, dtype=LSE_DTYPE, device=hidden.device)
         ent = torch.empty_like(lp) if want_ent else None
-        inv_temp = 1.0 / temperature
+        inv_temp = scale_for(acc, temperature)
         buf = _logits_buffer(h2, weight, chunk)
         kept = None
         for i in range(0, N, chunk):
@@ -128,7 +128,7 @@ class _LinearStats(torch.autograd.Function):
         h2, weight, bias, t, lse, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N = h2.shape[0]
-        acc = lse.dtype
+        acc = acc_dtype(torch.promote_types(h2.dtype, weight.dtype))
         # the kept chunk is used once: a second backward (retain_graph=True) recomputes it
         kept, buf, ctx.kept, ctx.buf = ctx.kept, ctx.buf, None, None
         if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):

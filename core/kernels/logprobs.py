@@ -6,7 +6,8 @@
 
 * forward: one pass over each row with a log-sum-exp (online in Triton,
   cache-blocked in PyTorch), accumulated in fp32 even for bf16/fp16 logits;
-  only the per-row ``lse`` is saved besides the logits themselves;
+  only the per-row ``lse`` (float64, see ``_dispatch.split_lse``) is saved
+  besides the logits themselves;
 * backward: ``d logprob_t / d logits = (onehot(t) - softmax(logits / T)) / T``
   (the negative of the familiar cross-entropy gradient ``softmax - onehot``)
   times the incoming gradient, recomputed tile by tile from ``lse`` and
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _reference
-from ._dispatch import acc_dtype, check_temperature, implementation, resolve_backend, row_segments
+from ._dispatch import LSE_DTYPE, acc_dtype, check_temperature, implementation, resolve_backend, row_segments, scale_for
 
 
 class _TokenStats(torch.autograd.Function):
@@ -32,10 +33,10 @@ class _TokenStats(torch.autograd.Function):
         acc = acc_dtype(logits.dtype)
         N = lead.numel()
         flat_t = targets.reshape(-1) if want_lp else None
-        lse = torch.empty(N, dtype=acc, device=logits.device)
+        lse = torch.empty(N, dtype=LSE_DTYPE, device=logits.device)
         lp = torch.empty(N, dtype=acc, device=logits.device) if want_lp else None
         ent = torch.empty(N, dtype=acc, device=logits.device) if want_ent else None
-        inv_temp = 1.0 / temperature
+        inv_temp = scale_for(acc, temperature)
         if N > 0:
             for off, seg in row_segments(logits):
                 r = slice(off, off + seg.shape[0])

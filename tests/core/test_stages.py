@@ -299,6 +299,12 @@ def test_which_runs_are_the_sft_stage(overrides, same):
     assert is_sft_stage(load_config(SFT_YAML, overrides)) is same
 
 
+@pytest.mark.parametrize("overrides, same", [([], True), (["train.eval_target={gold: 0.6}"], False), (["train.eval_every=100"], False)])
+def test_which_arithmetic_runs_are_its_sft_stage(overrides, same):
+    """configs/arithmetic-sft.yaml is the arithmetic stage's recipe, which stops at a target."""
+    assert is_sft_stage(load_config(SFT_YAML.parent / "arithmetic-sft.yaml", overrides)) is same
+
+
 def test_a_run_without_held_out_figures_is_adopted_by_no_stage(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"finished": True, "step": 1000}))
     assert stages.adopt(load_config(SFT_YAML), tmp_path, log=None) == []

@@ -163,6 +163,18 @@ def test_compiled_cpu_path(monkeypatch):
         g = randn(4, 6)
         for T in (1.0, 0.6):
             assert_grad_close(grad_of(K.logprobs(xg, t, temperature=T), xg, g), grad_of(ref_logprobs(xr, t, T), xr, g), torch.float32)
+        # moderate logits (the unshifted sum) and logits ~1e4: as accurate as eager fp32
+        moderate = make_logits((4, 6, 1000), torch.float32, scale=3.0)
+        for xp in (moderate, moderate + 1e4):
+            xp.requires_grad_(True)
+            xpr = xp.detach().double().requires_grad_(True)
+            for T in (1.0, 1.3):
+                want = grad_of(ref_logprobs(xpr, t, T), xpr, g)
+                ours = grad_of(K.logprobs(xp, t, temperature=T), xp, g).double()
+                eager = grad_of(torch.log_softmax(xp / T, -1).gather(-1, t.clamp(min=0)[..., None]).squeeze(-1)
+                                .masked_fill(t == -100, 0.0), xp, g).double()
+                err, err_eager = ((a - want).abs().max() / want.abs().max() for a in (ours, eager))
+                assert err <= 4 * err_eager + 2e-7, (T, err, err_eager)
         h = make_logits((40, 16), torch.float32, scale=1.0, seed=5).requires_grad_(True)
         w = make_logits((300, 16), torch.float32, scale=0.3, seed=6).requires_grad_(True)
         tl = make_targets((40,), 300)
@@ -243,6 +255,22 @@ def test_entropy_matches_reference(backend, dtype, T):
     g = randn(2, 3)
     xr = x.detach().double().requires_grad_(True)
     assert_grad_close(grad_of(out, x, g), grad_of(ref_entropy(xr, T), xr, g), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_bitwise_unchanged_by_entropy(backend):
+    """Asking linear_logprobs for the entropy too leaves the log-probs bit-for-bit the same (PPO's
+    ratio is exactly 1 before an update whichever of the two computed the old log-probs), also
+    for rows redone with the shift (logits beyond ~88)."""
+    h = make_logits((12, 16), torch.float32, scale=1.0, seed=5)
+    w = make_logits((V, 16), torch.float32, scale=0.4, seed=6)
+    h[3] *= 200.0
+    t = make_targets((12,), V)
+    for T in (1.0, 0.7):
+        lp = K.linear_logprobs(h, w, t, temperature=T, backend=backend)
+        lp2, ent = K.linear_logprobs(h, w, t, temperature=T, return_entropy=True, backend=backend)
+        assert torch.equal(lp, lp2)
+        torch.testing.assert_close(ent.double(), ref_entropy(h.double() @ w.double().T, T), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
