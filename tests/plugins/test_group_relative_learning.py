@@ -3,9 +3,10 @@
 sentiment: configs/grpo.yaml and configs/rloo.yaml, trained from the cached SFT policy against the
 task's cached reward model (`reward-model`, path auto), must raise the held-out gold reward over
 the SFT policy by more than three standard errors (same 200 held-out prompts, same sampling seed).
-Measured (two CPU cores, SFT gold -0.054 +- 0.034): GRPO +0.32 / +0.38 / +0.36 / +0.39 (6.1 / 7.2 /
-6.5 / 6.9 SE) for train.seed 0 / 1 / 2 / 3 in ~35 s; RLOO +0.27 / +0.36 / +0.46 / +0.22 (5.3 / 6.4 /
-8.5 / 4.5 SE) in ~20 s.
+Measured (one thread per run) from three builds of the cached stages (SFT gold -0.069 / -0.050 /
+-0.054): GRPO +0.48 / +0.30 / +0.27 (7.7 / 5.3 / 5.2 SE; with beta 0.04 the first collapsed to -0.81
+at KL 22); RLOO +0.27 / +0.36 / +0.46 / +0.22 (5.3 / 6.4 / 8.5 / 4.5 SE, train.seed 0-3, one build)
+in ~20 s.
 
 arithmetic: configs/grpo-arithmetic.yaml and configs/rloo-arithmetic.yaml, from the task's cached
 SFT policy against the verifier, must raise held-out accuracy (the task's 500 test problems, same
