@@ -1,7 +1,7 @@
 """The transformers model under the `hf` policy: `LMWithHeads` (a causal LM with an optional value
 head, a separate critic and attached modules, whose forward gives per-token log-probs), a model
 built from scratch, and the options applied when one is loaded (`dtype`, `attn_implementation`,
-dropout off, fused activations).
+dropout off).
 
 Every log-prob goes through `rlhfzoo.kernels.linear_logprobs`, from the last hidden states and
 the LM-head weight, so the [B, T, V] logits never exist at once; `LMWithHeads.forward` does this
@@ -145,21 +145,6 @@ def disable_dropout(model: torch.nn.Module) -> dict[str, float]:
     for key in old:
         setattr(model.config, key, 0.0)
     return old
-
-
-def fuse_activations(model: torch.nn.Module) -> int:
-    """Run the tanh-approximated GELU of GPT-2 and its kin (`gelu_new`, which transformers writes as
-    seven elementwise ops) as torch's fused `gelu(x, approximate="tanh")`: the same formula in one
-    kernel, 2.4x faster forward+backward on CPU, equal to float32 rounding (2.4e-7 at |x| <= 5).
-    Every such module is swapped in place; the config is untouched, so a saved model still names
-    `gelu_new`. Returns how many were swapped (0 for Llama/Qwen2, whose SiLU is one kernel already)."""
-    from transformers.activations import ACT2FN, NewGELUActivation
-
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is NewGELUActivation]
-    for parent, name in swaps:
-        setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
-    return len(swaps)
 
 
 @contextmanager

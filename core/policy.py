@@ -30,9 +30,7 @@ from safetensors.torch import load_model, save_model
 from rlhfzoo import hookimpl, lora, stages
 from rlhfzoo.data.collate import pad, prompt_ids
 from rlhfzoo.errors import UserError
-from rlhfzoo.hf_model import (
-    LMWithHeads, build_scratch_model, config_values, disable_dropout, fuse_activations, last_hidden_states, model_kwargs,
-)
+from rlhfzoo.hf_model import LMWithHeads, build_scratch_model, config_values, disable_dropout, last_hidden_states, model_kwargs
 from rlhfzoo.interfaces import Policy, PluginConfig, Rollout
 from rlhfzoo.lora import LoraOptions
 from rlhfzoo.pretrained import MODEL_FILES, TOKENIZER_FILES, check_source, load_error
@@ -303,9 +301,8 @@ class HFPolicy(Policy):
         return self.prepare(AutoModelForCausalLM.from_pretrained(base, **model_kwargs(self.config)), base, adapter)
 
     def prepare(self, model: torch.nn.Module, base: str | None, adapter: str | None = None) -> torch.nn.Module:
-        """A transformers model with the options applied: fused activations, dropout off, gradient
-        checkpointing, and LoRA (a new adapter on `base`, or the one in the directory `adapter`)."""
-        fuse_activations(model)
+        """A transformers model with the options applied: dropout off, gradient checkpointing, and
+        LoRA (a new adapter on `base`, or the one in the directory `adapter`)."""
         if not self.config.dropout:
             self.dropout_config = disable_dropout(model)
         if self.config.gradient_checkpointing:  # transformers >= 5 renamed it activation checkpointing

@@ -39,7 +39,6 @@ import torch
 
 from rlhfzoo.data.collate import TruncationStats, encode, pad
 from rlhfzoo.errors import UserError
-from rlhfzoo.hf_model import fuse_activations
 from rlhfzoo.interfaces import Chat, Policy, Text
 from rlhfzoo.policy import HFPolicy, HFPolicyConfig
 
@@ -223,8 +222,7 @@ def model_context(config: Any) -> int | None:
 def load_sequence_classifier(path: Path) -> tuple[torch.nn.Module, Any]:
     """`AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)` and its tokenizer
     (pad set to EOS where it has none; the model's `pad_token_id` to the tokenizer's where unset).
-    A head transformers would initialise at random (missing weights) is an error. Activations fused
-    (`rlhfzoo.hf_model.fuse_activations`)."""
+    A head transformers would initialise at random (missing weights) is an error."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
@@ -239,7 +237,6 @@ def load_sequence_classifier(path: Path) -> tuple[torch.nn.Module, Any]:
             f"the reward model in {str(path)!r} lacks the weights {lacking[:4]}: transformers would initialise them at "
             f"random. Retrain it, or {RUN_HINT}"
         )
-    fuse_activations(model)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise RewardModelError(f"the tokenizer in {str(path)!r} has neither a pad nor an eos token: set one and save it again")

@@ -5,7 +5,6 @@ The `Policy` interface's optional members on the `hf` policy (attached modules, 
 hidden states) and its defaults on a third-party policy that implements only what is abstract."""
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -486,28 +485,3 @@ def test_gradient_checkpointing_gives_the_same_gradients(llama_dir):
     assert saved_checkpointed < saved_plain / 2  # the layers' activations are recomputed, not kept
     for name, grad in plain.items():
         assert torch.allclose(checkpointed[name], grad, atol=1e-5, rtol=0), name
-
-
-def test_gpt2s_gelu_runs_fused_with_the_same_outputs(bpe, llama_dir, tmp_path):
-    """GPT-2's `gelu_new` (seven elementwise ops) runs as torch's fused tanh GELU: the same log-probs
-    to float32 rounding, the config untouched (a saved model still names gelu_new); Llama's SiLU is
-    left alone."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    from rlhfzoo.hf_model import fuse_activations
-
-    model = gpt2_with_dropout(bpe).eval()
-    before = copy.deepcopy(model)
-    assert fuse_activations(model) == 2 and fuse_activations(model) == 0  # one per layer, then none left
-    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
-    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == 2
-    ids = torch.randint(0, len(bpe), (3, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, before(ids).logits, atol=2e-6, rtol=1e-6)
-        assert not torch.equal(model(ids).logits, before(ids).logits)  # a different kernel, not the same one
-    model.save_pretrained(tmp_path / "saved")
-    assert json.loads((tmp_path / "saved" / "config.json").read_text())["activation_function"] == "gelu_new"
-    # every policy's model goes through it; a Llama has nothing to swap
-    policy = HFPolicy(HFPolicyConfig(init=str(tmp_path / "saved"), max_new_tokens=4))
-    assert sum(isinstance(m, GELUTanh) for m in policy.module.lm.modules()) == 2
-    assert fuse_activations(HFPolicy(HFPolicyConfig(init=llama_dir, max_new_tokens=4)).module.lm) == 0
