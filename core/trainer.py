@@ -18,10 +18,9 @@ evaluates, on the bare module (a forward through the DDP wrapper is a collective
 Run directory (`output_dir`, see rlhfzoo.run_dir):
     config.yaml          the resolved config
     metrics.jsonl        one JSON object per logged step
-    checkpoints/step-N/  weights, optimizer, scheduler, objective, RNG states, budget counters, step,
-                         in safetensors and JSON (rlhfzoo.checkpoint; never pickles); written to a
-                         temporary directory and renamed, with a manifest, so a kill mid-write
-                         never leaves a checkpoint that looks whole
+    checkpoints/step-N/  weights, optimizer, scheduler, objective, RNG states, budget counters, step, in
+                         safetensors and JSON (rlhfzoo.checkpoint; never pickles); written aside and renamed,
+                         with a manifest: a kill mid-write never leaves a checkpoint that looks whole
     policy/              the final policy (transformers format)
     summary.json         written last: a run without it is not finished
 """
@@ -39,7 +38,7 @@ from typing import Any
 
 import torch
 
-from rlhfzoo import budget, checkpoint, run_dir, stages, tracking
+from rlhfzoo import budget, checkpoint, cpu_memory, run_dir, stages, tracking
 from rlhfzoo.checkpoint import latest_checkpoint  # noqa: F401  (part of this module's API)
 from rlhfzoo.config import ConfigError, RunConfig
 from rlhfzoo.counting_reward import CountingReward
@@ -89,6 +88,8 @@ class Trainer(Checkpoints):
 
         if self.train.num_threads:
             torch.set_num_threads(self.train.num_threads)
+        if self.train.cpu_allocator == "keep-freed" and self.accelerator.device.type == "cpu":
+            cpu_memory.keep_freed_memory()
         given = tuple(name for name, obj in (("task", task), ("policy", policy), ("reward", reward)) if obj is not None)
         # The cached stages the run reads (SFT policy, reward model, ...): constructors only read them.
         stages.build_for(cfg, log=log, task=task, given=given)
