@@ -39,6 +39,12 @@ step, as TRL's default does) and, for KTO, TRL with `precompute_ref_log_probs=Tr
 (`trl-precompute`: as rlhfzoo's default `reference: cached`). Every worker counts the tokens of
 each forward pass of the GPT-2 trunk, so the report shows that both sides did the same work (and
 that the loss moved).
+
+On the CPU rlhfzoo sets glibc's malloc to keep freed memory for the next step (`train.cpu_allocator:
+keep-freed`, rlhfzoo.cpu_memory), which TRL does not. Two more contenders show that gain apart:
+`trl-keep-freed` (TRL with the same thresholds, through glibc's `MALLOC_MMAP_THRESHOLD_` and
+`MALLOC_TRIM_THRESHOLD_` environment variables, which a TRL user can set by hand) and
+`rlhfzoo-system` (rlhfzoo with `cpu_allocator: system`).
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rlhfzoo.cpu_memory import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 from peers_workloads import (  # noqa: E402
     BETA, ONLINE, ORPO_LAMBDA, PAIRED, SIMPO, SIZES, build, count_tokens, rows, run_generate, run_rlhfzoo, run_trl,
 )
@@ -72,6 +79,10 @@ CONTENDERS = {
     "grpo": ("trl", "rlhfzoo"),
     "rloo": ("trl", "rlhfzoo"),
 }
+# Every workload also runs TRL under the malloc thresholds rlhfzoo sets on the CPU (`train.cpu_allocator`),
+# set through glibc's environment, and rlhfzoo without them: the two effects apart.
+ALLOCATOR_CONTENDERS = ("trl-keep-freed", "rlhfzoo-system")
+KEEP_FREED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def rss_mb() -> float:
@@ -179,7 +190,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    contenders = list(CONTENDERS[args.algorithm]) + (["generate"] if args.algorithm in ("grpo", "rloo") else [])
+    contenders = list(CONTENDERS[args.algorithm]) + list(ALLOCATOR_CONTENDERS) + (["generate"] if args.algorithm in ("grpo", "rloo") else [])
     if args.only:
         contenders = [c for c in contenders if c in args.only.split(",")]
     if any(c.startswith("trl") for c in contenders):
@@ -198,7 +209,8 @@ def main() -> None:
             for c in contenders:
                 cmd = [sys.executable, __file__, args.algorithm, "--size", args.size, "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--worker", c, "--model", str(Path(tmp) / "model"), "--data", str(data)]
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                       **(KEEP_FREED_ENV if c == "trl-keep-freed" else {})}
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
                 if done.returncode:
                     sys.exit(f"the {c} worker failed:\n{done.stderr[-4000:]}")

@@ -186,12 +186,14 @@ def run_trl(algorithm: str, mode: str, model_dir: str, data: list[dict], steps: 
 
 def run_rlhfzoo(algorithm: str, mode: str, model_dir: str, data: list[dict], steps: int, size: str, out: str) -> tuple[list[float], list[float]]:
     """Train through `rlhfzoo.train`; (ends of the steps from `metrics.jsonl`'s `elapsed`, losses).
-    `mode` `rlhfzoo-reference-model`: DPO / KTO with `reference: model` (the reference run every step)."""
+    `mode` `rlhfzoo-reference-model`: DPO / KTO with `reference: model` (the reference run every step);
+    `rlhfzoo-system`: glibc's malloc left as it is (`train.cpu_allocator: system`)."""
     import rlhfzoo
 
     policy = {"init": model_dir, "max_length": CONTEXT, "max_new_tokens": ONLINE["new_tokens"]}
     train = {"steps": steps, "lr": 1e-4, "lr_schedule": "constant", "eval_prompts": 0, "progress": False, "log_every": 1,
-             "num_threads": 1, "batch_size": rows_per_step(algorithm, size)}
+             "num_threads": 1, "batch_size": rows_per_step(algorithm, size),
+             "cpu_allocator": "system" if mode == "rlhfzoo-system" else "keep-freed"}
     reference = "model" if mode == "rlhfzoo-reference-model" else "cached"
     reward = None
     if algorithm in ("dpo", "kto"):
