@@ -207,7 +207,8 @@ def run_rlhfzoo(algorithm: str, mode: str, model_dir: str, data: list[dict], ste
     else:
         spec = {"name": algorithm, "group_size": ONLINE["group"], **({"beta": 0.04} if algorithm == "grpo" else {"kl_coef": 0.04})}
         reward = lambda prompts, responses: reward_first_word(prompts, responses)  # noqa: E731
-    rlhfzoo.train({"algorithm": spec, "policy": policy, "train": train}, train_dataset=data, reward=reward, output_dir=out)
+    task = {"test_fraction": 0.0}  # every row trained on, as TRL does (rlhfzoo holds out 10 % by default)
+    rlhfzoo.train({"task": task, "algorithm": spec, "policy": policy, "train": train}, train_dataset=data, reward=reward, output_dir=out)
     metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return [m["elapsed"] for m in metrics], [m["loss"] for m in metrics if "loss" in m]
 
