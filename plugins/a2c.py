@@ -44,7 +44,9 @@ class A2C(ActorCriticObjective):
     paper = "Mnih et al. 2016, arXiv:1602.01783; Menick et al. 2022 (GopherCite), arXiv:2203.11147"
     Config = A2CConfig
     # One step per batch: larger batches (less gradient noise) and a higher learning rate than PPO.
-    bench = BenchProtocol(train={"steps": 30, "batch_size": 64, "lr": 1e-3}, kl_knob="kl_coef", kl_sweep=(0.03, 0.1, 0.3))
+    bench = BenchProtocol(
+        train={"steps": 30, "batch_size": 64, "lr": 1e-3}, options={"kl_coef": 0.3}, kl_knob="kl_coef", kl_sweep=(0.03, 0.1, 0.3)
+    )
 
     def minibatches(self, experience, policy):
         yield self.groups(experience, torch.arange(len(experience)))  # one optimizer step per batch
